@@ -1,0 +1,303 @@
+"""The `minigen` command: datasets, train, sample, tour, lessons, grade.
+
+    minigen datasets                       # list the datasets
+    minigen datasets preview shapes        # write a grid of examples to PNG
+    minigen train vae --data digits --steps 2000 --out runs/vae
+    minigen train ddpm --data path/to/my/images --size 32 --out runs/art
+    minigen sample runs/vae/checkpoint.pt --n 64 --out samples.png
+    minigen tour                           # train every family briefly, write a report
+    minigen lessons build                  # regenerate lessons/ from solutions/
+    minigen grade submissions/*.ipynb --out grades.csv
+
+Every subcommand has --help. Bad arguments exit with status 2 and say what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+# name -> (module, model class, what it is). A module listed here exposes
+# build(overrides, image_shape, num_classes) and its class exposes a dataclass `config`.
+MODELS = {
+    "autoencoder": ("minigen.autoencoder", "AutoEncoder", "plain convolutional autoencoder (lesson 00)"),
+    "vae": ("minigen.vae", "VAE", "variational autoencoder (lesson 01)"),
+    "vqvae": ("minigen.vq", "VQVAE", "VQ-VAE with a learned codebook (lesson 02)"),
+    "vqgan": ("minigen.vqgan", "VQGAN", "VQGAN: VQ-VAE + perceptual and patch-GAN losses (lesson 03)"),
+    "ddpm": ("minigen.diffusion", "GaussianDiffusion", "pixel-space diffusion with a U-Net (lessons 05-06)"),
+    "ldm": ("minigen.ldm", "LatentDiffusion", "latent diffusion with text prompts (lesson 07)"),
+}
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported without a traceback, exit status 2."""
+
+
+def _available_models() -> dict:
+    out = {}
+    for name, (module, cls, desc) in MODELS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if hasattr(mod, "build") and hasattr(mod, cls):
+            out[name] = (mod, cls, desc)
+    return out
+
+
+def _parse_overrides(pairs) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"--set expects key=value, got {pair!r} (example: --set latent_dim=16)")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value  # a bare string such as a schedule name
+    return out
+
+
+# ---------------------------------------------------------------------------- datasets
+
+def cmd_datasets(args) -> int:
+    from minigen import data
+
+    if args.action in (None, "list"):
+        for name, desc in data.list_datasets().items():
+            print(f"{name:15s} {desc}")
+        print("\nAny folder of PNG/JPEG images is a dataset too: --data path/to/folder")
+        return 0
+    if not args.name:
+        raise UsageError("`minigen datasets preview` needs a dataset name, e.g. `minigen datasets preview shapes`")
+    from minigen import plot
+
+    ds = data.load_dataset(args.name, split=args.split, size=args.size)
+    n = min(args.n, len(ds))
+    x, _ = ds.tensors(n)
+    out = Path(args.out or f"{Path(args.name).name}_preview.png")
+    plot.save_grid(x, out, nrow=int(n ** 0.5 + 0.999), scale=2)
+    print(f"{len(ds)} images of shape {tuple(ds.image_shape)}, {len(ds.classes)} classes; grid of {n} -> {out}")
+    if getattr(ds, "captions", None):
+        for c in ds.captions[:4]:
+            print("  caption:", c)
+    return 0
+
+
+# ---------------------------------------------------------------------------- train
+
+def cmd_train(args) -> int:
+    from minigen import data, train
+
+    models = _available_models()
+    if args.model not in models:
+        known = ", ".join(models) or "(none installed)"
+        raise UsageError(f"unknown model {args.model!r}; available: {known}")
+    mod, _, _ = models[args.model]
+    ds = data.load_dataset(args.data, split="train", size=args.size)
+    overrides = _parse_overrides(args.set)
+    try:
+        model = mod.build(overrides, tuple(ds.image_shape), len(ds.classes))
+    except TypeError as e:
+        raise UsageError(f"bad --set for {args.model}: {e}") from None
+    cfg = train.TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
+        device=args.device, seed=args.seed, sample_every=args.sample_every,
+        ckpt_every=args.ckpt_every, ema_decay=args.ema, warmup_steps=args.warmup,
+        lr_schedule=args.schedule, compile=args.compile,
+    )
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"training {args.model} ({nparams / 1e6:.2f}M parameters) on {args.data} "
+          f"({len(ds)} images {tuple(ds.image_shape)}) for {args.steps} steps -> {args.out}")
+    result = train.fit(model, ds, cfg)
+    last = result.history[-1] if result.history else {}
+    print(f"done at step {result.step}; last loss {last.get('loss', float('nan')):.4f}; "
+          f"checkpoint in {Path(args.out) / 'checkpoint.pt'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- sample
+
+def _find_config_class(mod, cls_name: str, cfg_dict: dict):
+    """The dataclass the model was built from: `<Class>Config`, else the one whose fields match."""
+    import dataclasses
+
+    named = getattr(mod, cls_name + "Config", None)
+    if named is not None:
+        return named
+    for obj in vars(mod).values():
+        if dataclasses.is_dataclass(obj) and isinstance(obj, type):
+            if {f.name for f in dataclasses.fields(obj)} == set(cfg_dict):
+                return obj
+    raise UsageError(f"cannot find the config class of {mod.__name__}.{cls_name}")
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a model from a minigen checkpoint (uses EMA weights when present)."""
+    from minigen import train
+
+    ckpt = train.load_checkpoint(path, map_location="cpu")
+    qualname = ckpt.get("model_class") or ""
+    module_name, _, cls_name = qualname.rpartition(".")
+    try:
+        mod = importlib.import_module(module_name)
+        cls = getattr(mod, cls_name)
+    except (ImportError, AttributeError, ValueError):
+        raise UsageError(f"{path} holds a {qualname!r}, which this minigen cannot build") from None
+    cfg_dict = ckpt.get("model_config")
+    if cfg_dict is None:
+        raise UsageError(f"{path} has no model config; it was saved from a model without a dataclass `config`")
+    model = cls(_find_config_class(mod, cls_name, cfg_dict)(**cfg_dict))
+    state = ckpt.get("ema") or ckpt["model"]
+    if isinstance(state, dict) and "shadow" in state:
+        state = state["shadow"]
+    model.load_state_dict(state)
+    return model.to(device).eval(), ckpt
+
+
+def cmd_sample(args) -> int:
+    import torch
+    from minigen import plot, train
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    device = train.select_device(args.device)
+    model, ckpt = load_model(path, device)
+    torch.manual_seed(args.seed)
+    kwargs = {}
+    for key in ("prompt", "guidance", "steps"):
+        value = getattr(args, key)
+        if value is not None:
+            kwargs[key] = value
+    if not hasattr(model, "sample_images"):
+        raise UsageError(f"{type(model).__name__} cannot sample (it is not a generative model); "
+                         "train a vae, vqvae, ddpm or ldm instead")
+    with torch.no_grad():
+        try:
+            x = model.sample_images(args.n, **kwargs)
+        except TypeError as e:
+            raise UsageError(f"{type(model).__name__} does not accept {sorted(kwargs)}: {e}") from None
+    out = Path(args.out)
+    plot.save_grid(x, out, nrow=int(args.n ** 0.5 + 0.999), scale=2)
+    print(f"{args.n} samples from {path} (step {ckpt.get('step')}) -> {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- tour, lessons, grade
+
+def cmd_tour(args) -> int:
+    from minigen import tour
+
+    return tour.run(out_dir=args.out, quick=args.quick, device=args.device, seed=args.seed)
+
+
+def cmd_lessons(args) -> int:
+    from minigen.course import builder
+
+    return builder.main(args.rest)
+
+
+def cmd_grade(args) -> int:
+    from minigen.course import grader
+
+    return grader.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minigen", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Run `minigen COMMAND --help` for the options of a command.")
+    p.add_argument("--version", action="version", version=f"minigen {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("datasets", help="list the datasets or preview one as a PNG grid")
+    d.add_argument("action", nargs="?", choices=["list", "preview"], help="list (default) or preview")
+    d.add_argument("name", nargs="?", help="dataset name or image folder (for preview)")
+    d.add_argument("--split", default="train", choices=["train", "test"])
+    d.add_argument("--n", type=int, default=64, help="number of images in the grid")
+    d.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE")
+    d.add_argument("--out", default=None, help="PNG path (default NAME_preview.png)")
+    d.set_defaults(func=cmd_datasets)
+
+    t = sub.add_parser("train", help="train a model on a dataset or a folder of images")
+    t.add_argument("model", help=f"one of: {', '.join(MODELS)}")
+    t.add_argument("--data", default="shapes", help="shapes, digits, mnist, fashion-mnist, cifar10 or a folder")
+    t.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps")
+    t.add_argument("--schedule", default="constant", choices=["constant", "cosine", "linear"])
+    t.add_argument("--ema", type=float, default=None, help="EMA decay of the weights, e.g. 0.999")
+    t.add_argument("--out", default="runs/latest", help="run directory (checkpoint, log, samples); "
+                   "an existing checkpoint there is resumed")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--sample-every", type=int, default=0)
+    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config field, repeatable")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a trained checkpoint into a PNG grid")
+    s.add_argument("checkpoint", help="checkpoint.pt or its run directory")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--prompt", default=None, help="text prompt (latent diffusion)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion)")
+    s.set_defaults(func=cmd_sample)
+
+    tr = sub.add_parser("tour", help="train every model family briefly on built-in data; write a report")
+    tr.add_argument("--out", default="tour", help="output folder for the report and images")
+    tr.add_argument("--quick", action="store_true", help="tiny budgets (also MINIGEN_QUICK=1)")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=cmd_tour)
+
+    ls = sub.add_parser("lessons", help="lesson tools: `minigen lessons build [--check]`", add_help=False)
+    ls.add_argument("rest", nargs=argparse.REMAINDER)
+    ls.set_defaults(func=cmd_lessons)
+
+    g = sub.add_parser("grade", help="grade submitted notebooks: `minigen grade SUBMISSIONS... --out grades.csv`",
+                       add_help=False)
+    g.add_argument("rest", nargs=argparse.REMAINDER)
+    g.set_defaults(func=cmd_grade)
+    return p
+
+
+def _version() -> str:
+    from minigen import __version__
+
+    return __version__
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"minigen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (unknown dataset, broken image folder, missing checkpoint): the message
+        # already says what to do; a traceback would only hide it.
+        print(f"minigen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint on disk is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
