@@ -26,7 +26,7 @@ which the numbers are a likelihood bound.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -103,7 +103,7 @@ def _check_images(x: torch.Tensor, channels: int, size: int, name: str) -> None:
     except ImportError:
         check_images = None
     if check_images is not None:
-        check_images(x, channels=channels, size=size, name=name)
+        check_images(x.detach(), channels=channels, size=size, name=name)
         return
     if x.dim() != 4 or x.shape[1] != channels or tuple(x.shape[-2:]) != (size, size):
         raise ValueError(f"{name} must have shape (N, {channels}, {size}, {size}), got {tuple(x.shape)}")
@@ -242,6 +242,13 @@ class VAE(nn.Module):
 
     # -- likelihood evaluation
 
+    def _elbo_terms(self, x: torch.Tensor, n_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(recon, kl) per image, recon averaged over n_samples draws of z ~ q(z|x); no checks."""
+        mu, logvar = self.encoder(x)
+        recon = torch.stack([self.reconstruction_nll(self.decoder(self.reparameterize(mu, logvar)), x)
+                             for _ in range(n_samples)]).mean(0)
+        return recon, self.kl(mu, logvar)
+
     @torch.no_grad()
     def elbo(self, x: torch.Tensor, n_samples: int = 1) -> torch.Tensor:
         """ELBO(x) per image in nats, (N,): a lower bound on log p(x) (beta is *not* applied).
@@ -251,21 +258,19 @@ class VAE(nn.Module):
         see `evaluate` for bits/dim comparable with 8-bit models.
         """
         _check_images(x, self.config.in_channels, self.config.image_size, "VAE.elbo input")
-        mu, logvar = self.encoder(x)
-        kl = self.kl(mu, logvar)
-        recon = torch.stack([self.reconstruction_nll(self.decoder(self.reparameterize(mu, logvar)), x)
-                             for _ in range(n_samples)]).mean(0)
+        recon, kl = self._elbo_terms(x, n_samples)
         return -(recon + kl)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, batch_size: int = 500, n_samples: int = 1) -> dict:
         """Test-set figures: mean ELBO (nats/image), its terms, and bits per dimension.
 
-        bits/dim means different things per likelihood, and we say which in "bpd_kind":
+        bits/dim means different things per likelihood; "bpd_kind" says which:
         - gaussian: "dequantized 8-bit". A density's bits/dim is not comparable with a
           discrete model's, so we add uniform noise u over each 8-bit bin (width 2/255 on
           the [-1, 1] scale) and use -log P(bin) <= -E_u[log p(x+u)] - log(2/255) per dim
-          (Jensen), with the ELBO in place of log p: an upper bound on discrete 8-bit NLL.
+          (Jensen), with -ELBO in place of -log p: an upper bound on the discrete 8-bit NLL.
+          "elbo" itself is the continuous density's ELBO on the data as given.
         - bernoulli: "bernoulli cross-entropy", -ELBO / (D ln 2); a likelihood bound only for
           binary pixels, not comparable with 8-bit figures.
         """
@@ -277,18 +282,14 @@ class VAE(nn.Module):
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(device)
             _check_images(xb, self.config.in_channels, self.config.image_size, "VAE.evaluate input")
-            mu, logvar = self.encoder(xb)
-            kl = self.kl(mu, logvar)
-            recon = torch.stack([self.reconstruction_nll(self.decoder(self.reparameterize(mu, logvar)), xb)
-                                 for _ in range(n_samples)]).mean(0)
+            recon, kl = self._elbo_terms(xb, n_samples)
             sums["elbo"] += float(-(recon + kl).sum())
             sums["recon"] += float(recon.sum())
             sums["kl"] += float(kl.sum())
             if self.config.likelihood == "gaussian":
-                u = (torch.rand_like(xb) - 0.5) * (2 / 255)
-                nll = -self.elbo(xb + u, n_samples=1) if n_samples == 1 else \
-                    -torch.stack([self.elbo_unchecked(xb + u) for _ in range(n_samples)]).mean(0)
-                sums["nll_bound"] += float((nll + D * math.log(255 / 2)).sum())
+                u = (torch.rand_like(xb) - 0.5) * (2 / 255)  # uniform over the 8-bit bin
+                recon_u, kl_u = self._elbo_terms(xb + u, n_samples)
+                sums["nll_bound"] += float((recon_u + kl_u).sum()) + xb.shape[0] * D * math.log(255 / 2)
             else:
                 sums["nll_bound"] += float((recon + kl).sum())
         self.train(was_training)
@@ -297,17 +298,12 @@ class VAE(nn.Module):
         out["bpd_kind"] = "dequantized 8-bit" if self.config.likelihood == "gaussian" else "bernoulli cross-entropy"
         return out
 
-    def elbo_unchecked(self, x: torch.Tensor) -> torch.Tensor:
-        # dequantised inputs may step 1/255 outside [-1, 1], so they skip the range check
-        mu, logvar = self.encoder(x)
-        return -(self.reconstruction_nll(self.decoder(self.reparameterize(mu, logvar)), x) + self.kl(mu, logvar))
-
     # -- generation
 
     def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
         """Mean of p(x|z) on the [-1, 1] scale (sigmoid of the logits, mapped, for Bernoulli)."""
         out = self.decoder(z)
-        if self.nll is None and self.config.likelihood == "bernoulli":
+        if self.config.likelihood == "bernoulli":
             return torch.sigmoid(out) * 2 - 1
         return out
 
@@ -374,11 +370,11 @@ def build(overrides: dict | None, image_shape, num_classes: int | None = None) -
     cfg = dict(in_channels=c, image_size=h)
     if c > 1 and "likelihood" not in overrides:
         cfg["likelihood"] = "gaussian"  # Bernoulli pixels only make sense for grey images
-    if h % 4:  # 28 and 32 take two stride-2 convs; other sizes get as many as divide them
-        cfg["hidden_channels"] = (32,) if h % 2 == 0 else ()
+    if h % 4 and h % 2 == 0:  # 28 and 32 take the default two stride-2 convs; 2 mod 4 sizes get one
+        cfg["hidden_channels"] = (32,)
     cfg.update(overrides)
     return VAE(VAEConfig(**cfg))
 
 
 __all__ = ["VAEConfig", "Encoder", "Decoder", "VAE", "reparameterize", "gaussian_kl", "bernoulli_nll",
-           "gaussian_nll", "build", "asdict"]
+           "gaussian_nll", "build"]

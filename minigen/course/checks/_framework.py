@@ -1,0 +1,201 @@
+"""A small framework for exercise checks.
+
+A check calls the learner's own function on fresh random inputs and compares the result
+with an independent reference written inside the check module (never minigen's own
+implementation: a check that calls the solved package tests nothing). When something is
+wrong it raises `CheckFailed` with a message that says which property failed (shape,
+dtype, values, gradients, statistics) and, when the wrong answer matches a known wrong
+variant, the likely mistake. Success prints exactly one line.
+
+    ex = Exercise("1.1", "reparameterize")
+    z = ex.call(fn, mu, logvar)                       # stub -> "Exercise 1.1 ... is not done yet"
+    z = ex.tensor(z, shape=mu.shape, dtype=torch.float32)
+    ex.close(z, reference, atol=1e-5, mistakes=[(wrong, "you used exp(logvar) ...")])
+    ex.passed("values, shapes, gradients")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+class CheckFailed(AssertionError):
+    """An exercise check failed; the message says what is wrong and, if known, why."""
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with the global torch RNG seeded, then restore the notebook's RNG state.
+
+    Learner functions that draw random numbers (torch.randn_like, ...) use the global RNG;
+    seeding it makes a statistical check deterministic, so a correct answer always passes.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+class Exercise:
+    """The check context of one exercise: every message names the exercise."""
+
+    def __init__(self, number: str, name: str):
+        self.number = number
+        self.name = name
+
+    # ---------------------------------------------------------------- messages
+    @property
+    def label(self) -> str:
+        return f"Exercise {self.number} ({self.name})"
+
+    def fail(self, message: str, mistake: str | None = None):
+        text = f"{self.label}: {message}"
+        if mistake:
+            text += f"\n  Likely mistake: {mistake}"
+        raise CheckFailed(text)
+
+    def passed(self, what: str) -> None:
+        """Print the single success line."""
+        print(f"✓ Exercise {self.number} {self.name}: passed ({what})")
+
+    # ---------------------------------------------------------------- calling the learner
+    def callable(self, fn) -> None:
+        if not callable(fn):
+            self.fail(
+                f"expected your function, got a {type(fn).__name__}. Pass the function itself, "
+                f"e.g. check.{self.name}({self.name}), not the result of calling it"
+            )
+
+    def call(self, fn, *args, **kwargs):
+        """Call the learner's function; turn the stub's NotImplementedError into a clear message."""
+        self.callable(fn)
+        try:
+            return fn(*args, **kwargs)
+        except NotImplementedError as e:
+            raise CheckFailed(
+                f"{self.label} is not done yet: replace the `raise NotImplementedError` "
+                f"with your code" + (f" ({e})" if str(e) else "")
+            ) from None
+        except CheckFailed:
+            raise
+        except Exception as e:
+            shapes = ", ".join(
+                _fmt_shape(a.shape) + f" {str(a.dtype).replace('torch.', '')}"
+                if isinstance(a, torch.Tensor) else type(a).__name__ for a in args
+            )
+            raise CheckFailed(
+                f"{self.label}: your function raised {type(e).__name__}: {e}\n"
+                f"  It was called with arguments: {shapes}. The traceback above shows the line."
+            ) from e
+
+    # ---------------------------------------------------------------- properties of outputs
+    def tensor(self, out, *, shape=None, dtype=None, what: str = "the output") -> torch.Tensor:
+        """Check that `out` is a plain torch.Tensor with the expected shape and dtype."""
+        if not isinstance(out, torch.Tensor):
+            hint = " (did you forget the `return`?)" if out is None else ""
+            if out.__class__.__module__.startswith("numpy"):
+                hint = " (a numpy array: stay in torch, e.g. use torch functions instead of np ones)"
+            self.fail(f"{what} should be a torch.Tensor, got {type(out).__name__}{hint}")
+        if type(out) is not torch.Tensor and not isinstance(out, torch.nn.Parameter):
+            # A Tensor subclass can override comparisons; grade what it holds, not how it behaves.
+            self.fail(f"{what} should be a plain torch.Tensor, got the subclass {type(out).__name__}")
+        if shape is not None and tuple(out.shape) != tuple(shape):
+            self.fail(f"{what} has shape {_fmt_shape(out.shape)}, expected {_fmt_shape(shape)}")
+        if dtype is not None and out.dtype != dtype:
+            self.fail(f"{what} has dtype {out.dtype}, expected {dtype}")
+        return out
+
+    def close(self, actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0,
+              what: str = "the output", mistakes=()) -> None:
+        """Values agree within atol + rtol*|expected|; else name the worst element and the likely mistake.
+
+        `mistakes` is a sequence of (wrong_value, explanation): the values a typical wrong answer
+        would produce. If the learner's output matches one of them, the explanation is shown.
+        """
+        a = actual.detach().to("cpu", torch.float64)
+        e = expected.detach().to("cpu", torch.float64)
+        if a.shape != e.shape:
+            self.fail(f"{what} has shape {_fmt_shape(a.shape)}, expected {_fmt_shape(e.shape)}")
+        if not torch.isfinite(a).all():
+            bad = int((~torch.isfinite(a)).sum())
+            self.fail(f"{what} contains {bad} NaN/inf value(s)")
+        if _is_close(a, e, atol, rtol):
+            return
+        err = (a - e).abs()
+        idx = int(err.argmax())
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape)) if a.dim() else ()
+        msg = (
+            f"{what} has wrong values: max abs error {float(err.max()):.4g} "
+            f"(tolerance {atol:g}{f' + {rtol:g}·|expected|' if rtol else ''}); "
+            f"at index {where} you have {float(a.flatten()[idx]):.6g}, expected {float(e.flatten()[idx]):.6g}"
+        )
+        for wrong, explanation in mistakes:
+            w = torch.as_tensor(wrong).detach().to("cpu", torch.float64)
+            if w.shape == a.shape and _is_close(a, w, atol, rtol):
+                self.fail(msg, mistake=explanation)
+        self.fail(msg)
+
+    def gradients_flow(self, output: torch.Tensor, inputs: dict, what: str = "the output") -> None:
+        """Backpropagate a random projection of `output`; each named input must get a finite, non-zero grad."""
+        if not output.requires_grad:
+            self.fail(
+                f"{what} does not depend differentiably on the inputs (requires_grad is False): "
+                "avoid .detach(), .item(), .numpy() or torch.no_grad() inside your function"
+            )
+        g = torch.Generator().manual_seed(1234)
+        weight = torch.randn(output.shape, generator=g, dtype=output.dtype).to(output.device)
+        grads = torch.autograd.grad((output * weight).sum(), list(inputs.values()), allow_unused=True)
+        for (name, _), grad in zip(inputs.items(), grads):
+            if grad is None or not torch.any(grad != 0):
+                self.fail(f"no gradient reaches `{name}`: the output must depend on it differentiably")
+            if not torch.isfinite(grad).all():
+                self.fail(f"the gradient with respect to `{name}` contains NaN/inf")
+
+    def statistic(self, value: float, expected: float, stderr: float, *, what: str,
+                  n: int, mistakes=(), sigmas: float = 6.0) -> None:
+        """A sample statistic must lie within `sigmas` standard errors of its expected value.
+
+        With 6 standard errors a correct answer fails with probability below 2e-9 (normal
+        tail), and the check's inputs are seeded, so it passes deterministically. `mistakes`
+        is a sequence of (expected_value_if_wrong, explanation).
+        """
+        if not math.isfinite(value):
+            self.fail(f"{what} is {value} over {n} samples")
+        tol = sigmas * stderr
+        if abs(value - expected) <= tol:
+            return
+        msg = f"{what} is {value:.4g} over {n} samples, expected {expected:.4g} ± {tol:.2g}"
+        for wrong, explanation in mistakes:
+            if abs(value - wrong) <= tol:
+                self.fail(msg, mistake=explanation)
+        self.fail(msg)
+
+    def mean_std(self, samples: torch.Tensor, mean: float, std: float, *, what: str = "the samples",
+                 mistakes=()) -> None:
+        """Check the sample mean and standard deviation of (approximately normal) samples.
+
+        stderr(mean) = std/√n, stderr(std) ≈ std/√(2n) for normal data. `mistakes` holds
+        (wrong_mean, wrong_std, explanation) triples.
+        """
+        s = samples.detach().to("cpu", torch.float64).flatten()
+        n = s.numel()
+        m, sd = float(s.mean()), float(s.std())
+        tol_m, tol_s = 6 * std / math.sqrt(n), 6 * std / math.sqrt(2 * n)
+        if abs(m - mean) <= tol_m and abs(sd - std) <= tol_s:
+            return
+        msg = (f"{what}: mean {m:.4g} and std {sd:.4g} over {n} samples, "
+               f"expected mean {mean:.4g} ± {tol_m:.2g} and std {std:.4g} ± {tol_s:.2g}")
+        for wm, ws, explanation in mistakes:
+            if abs(m - wm) <= 6 * ws / math.sqrt(n) + 1e-12 and abs(sd - ws) <= 6 * ws / math.sqrt(2 * n) + 1e-12:
+                self.fail(msg, mistake=explanation)
+        self.fail(msg)
+
+
+def _is_close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> bool:
+    return bool(((a - b).abs() <= atol + rtol * b.abs()).all())
