@@ -1,6 +1,6 @@
 """Speed of FD-shapes and the real-vs-real baselines of both judges.
 
-    python benchmarks/metrics_bench.py [--repeats 3]
+    python benchmarks/metrics_bench.py [--repeats 3] [--threads N]
 
 Prints (1) the time to compute FD-shapes for 5,000 images on this machine, split into
 judge features and the distance itself, median of --repeats runs after one warm-up, and
@@ -34,7 +34,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     info = judge_info()

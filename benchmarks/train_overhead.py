@@ -12,6 +12,7 @@ run under the same allocator setting, so their ratio is fair either way.
 
     python benchmarks/train_overhead.py                 # ~2 minutes
     python benchmarks/train_overhead.py --steps 20 --repeats 3 --rounds 1
+    python benchmarks/train_overhead.py --model tiny --steps 300   # fixed cost per step
 """
 
 import argparse
@@ -56,6 +57,19 @@ class ConvAE(nn.Module):
         return F.mse_loss(self(batch), batch)
 
 
+class Tiny(nn.Module):
+    """A 1x1 conv: almost no compute, so the timings expose the loops' fixed per-step cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+    training_loss = ConvAE.training_loss
+
+
 def bare_loop(model, data, steps, grad_clip=1.0):
     """What one would write by hand: shuffled batches, AdamW, clipping."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
@@ -87,21 +101,23 @@ def child(args):
         _tune_malloc()  # before the first big allocation, so both loops run with it
     torch.manual_seed(0)
     data = torch.randn(2048, 3, 32, 32).clamp(-1, 1)
-    base = ConvAE()
+    base = ConvAE() if args.model == "ae" else Tiny()
     loops = {"fit": fit_loop, "bare": bare_loop}
     for fn in loops.values():  # warm-up: oneDNN primitives, allocator pools, imports
         fn(copy.deepcopy(base), data, 5)
     times = {k: [] for k in loops}
+    cpu = {k: [] for k in loops}
     faults = {k: [] for k in loops}
     for _ in range(args.repeats):
         for name, fn in loops.items():
             model = copy.deepcopy(base)
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(model, data, args.steps)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / args.steps)
-    print(json.dumps({"times": times, "faults": faults}))
+    print(json.dumps({"times": times, "cpu": cpu, "faults": faults}))
 
 
 def machine():
@@ -122,6 +138,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", choices=("ae", "tiny"), default="ae",
+                   help="tiny: a 1x1 conv, to measure the fixed per-step cost of each loop")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--malloc", choices=("default", "tuned"), default="default", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -129,11 +147,12 @@ def main():
         return child(args)
 
     print(f"machine: {machine()}")
-    print(f"model: ConvAE {sum(p.numel() for p in ConvAE().parameters()) / 1e6:.2f}M params, "
+    net = ConvAE() if args.model == "ae" else Tiny()
+    print(f"model: {type(net).__name__} {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, "
           f"batch {BATCH}, 3x32x32, {args.threads} threads, {args.steps} steps per timed call, "
           f"{args.repeats} interleaved repeats x {args.rounds} rounds per malloc setting")
-    results = {m: {"times": {"fit": [], "bare": []}, "faults": {"fit": [], "bare": []}}
-               for m in ("default", "tuned")}
+    kinds = ("times", "cpu", "faults")
+    results = {m: {k: {"fit": [], "bare": []} for k in kinds} for m in ("default", "tuned")}
     for _ in range(args.rounds):
         for m in ("default", "tuned"):
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -141,27 +160,34 @@ def main():
             if m == "default":
                 env["MINIGEN_NO_MALLOPT"] = "1"
             cmd = [sys.executable, __file__, "--child", "--malloc", m, "--steps", str(args.steps),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                   "--repeats", str(args.repeats), "--threads", str(args.threads), "--model", args.model]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"child failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            for kind in ("times", "faults"):
+            for kind in kinds:
                 for loop in ("fit", "bare"):
                     results[m][kind][loop] += r[kind][loop]
 
-    print(f"\n{'malloc':<8} {'loop':<5} {'img/s (median)':>15} {'min..max':>14} {'page faults/step':>17}")
-    med = {}
+    # img/s from wall-clock time (what a user sees) and from process CPU time (steadier when
+    # other processes compete for the cores: a descheduled process accrues no CPU time)
+    print(f"\n{'malloc':<8} {'loop':<5} {'img/s (median)':>15} {'min..max':>14} {'img/CPU-s':>10} "
+          f"{'page faults/step':>17}")
+    med, med_cpu = {}, {}
     for m, r in results.items():
         for loop in ("bare", "fit"):
             ips = [args.steps * BATCH / t for t in r["times"][loop]]
             med[m, loop] = statistics.median(ips)
+            med_cpu[m, loop] = statistics.median(args.steps * BATCH / t for t in r["cpu"][loop])
             print(f"{m:<8} {loop:<5} {med[m, loop]:>15.1f} {min(ips):>6.1f}..{max(ips):<7.1f} "
-                  f"{statistics.median(r['faults'][loop]):>17.0f}")
+                  f"{med_cpu[m, loop]:>10.1f} {statistics.median(r['faults'][loop]):>17.0f}")
     print()
     for m in results:
         ratio = med[m, "fit"] / med[m, "bare"]
-        print(f"fit / bare images/s, malloc {m}: {ratio:.3f}  (fit overhead {100 * (1 / ratio - 1):+.1f}% time)")
+        ratio_cpu = med_cpu[m, "fit"] / med_cpu[m, "bare"]
+        extra_ms = 1e3 * BATCH * (1 / med[m, "fit"] - 1 / med[m, "bare"])
+        print(f"fit / bare images/s, malloc {m}: {ratio:.3f} wall (fit overhead "
+              f"{100 * (1 / ratio - 1):+.1f}% time, {extra_ms:+.2f} ms/step), {ratio_cpu:.3f} CPU time")
     for loop in ("bare", "fit"):
         print(f"tuned / default malloc, {loop}: {med['tuned', loop] / med['default', loop]:.3f} "
               f"(across processes: spread between runs applies)")

@@ -150,7 +150,7 @@ def load_model(path, device="cpu"):
     cfg_dict = ckpt.get("model_config")
     if cfg_dict is None:
         raise UsageError(f"{path} has no model config; it was saved from a model without a dataclass `config`")
-    model = cls(_find_config_class(mod, cls_name, cfg_dict)(**cfg_dict))
+    model = cls(config=_find_config_class(mod, cls_name, cfg_dict)(**cfg_dict))
     state = ckpt.get("ema") or ckpt["model"]
     if isinstance(state, dict) and "shadow" in state:
         state = state["shadow"]
@@ -280,7 +280,14 @@ def _version() -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `lessons` and `grade` hand everything after them to their own parsers (so their own
+    # --help works); argparse's REMAINDER would swallow nothing that starts with a dash.
+    if argv and argv[0] in ("lessons", "grade"):
+        args = argparse.Namespace(command=argv[0], rest=argv[1:],
+                                  func=cmd_lessons if argv[0] == "lessons" else cmd_grade)
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -94,7 +94,7 @@ class ResnetBlock(nn.Module):
             if temb is None:
                 raise ValueError("this ResnetBlock was built with temb_channels > 0: pass temb")
             scale, shift = self.temb_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
-            h = h * (1 + scale) + shift
+            h = torch.addcmul(shift, h, 1 + scale)  # h * (1 + scale) + shift, one pass
         h = self.conv2(self.dropout(F.silu(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         return skip + h

@@ -697,7 +697,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
     world, rank, local_rank = _dist_env()
     distributed = world > 1
     if distributed and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and config.device in ("auto", "cuda") else "gloo"
+        backend = "nccl" if _wants_cuda(config.device) else "gloo"
         dist.init_process_group(backend=backend)
         # Kept for later fit() calls in this process and destroyed at exit: creating the default
         # group again after destroying it reuses the rendezvous keys of the first one and can hang.
@@ -709,6 +709,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
     return _fit(model, data, n_data, config, loss_fn, world, rank, local_rank)
 
 
+def _wants_cuda(pref) -> bool:
+    return torch.cuda.is_available() and (pref == "auto" or str(pref).startswith("cuda"))
+
+
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -716,7 +720,7 @@ def _destroy_process_group() -> None:
 
 def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> TrainResult:
     distributed = world > 1
-    if distributed and config.device in ("auto", "cuda") and torch.cuda.is_available():
+    if distributed and _wants_cuda(config.device):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -838,7 +842,9 @@ def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> Train
             ema.copy_to(net)
         net.eval()
         # a forked RNG with a fixed seed: the same noise every time, and the run is unchanged
-        with torch.random.fork_rng(devices=[device] if on_cuda else []), torch.no_grad():
+        accel = device.type in ("cuda", "mps")
+        with torch.random.fork_rng(devices=[device] if accel else [],
+                                   device_type=device.type if accel else "cuda"), torch.no_grad():
             torch.manual_seed(config.seed)
             images = net.sample_images(_SAMPLE_N)
         _save_grid(images, out_dir / "samples" / f"step_{step:06d}.png", nrow=4)
@@ -862,7 +868,9 @@ def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> Train
     t_log, io_time = t_start, 0.0
     loss_key = {name: (f"loss_{name}" if multi else "loss") for name in opts}
 
-    def sync(step: int):
+    postfix: dict[str, str] = {}
+
+    def sync():
         nonlocal n_summed
         if not pending:
             return
@@ -889,7 +897,9 @@ def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> Train
                 sums[k] = sums.get(k, 0.0) + v
             n_summed += 1
         pending.clear()
-        bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k.startswith("loss")}, refresh=False)
+        if not bar.disable and time.perf_counter() - bar.last_print_t > bar.mininterval:
+            postfix.update((k, f"{v:.4g}") for k, v in rec.items() if k.startswith("loss"))
+            bar.set_postfix(postfix, refresh=False)
 
     try:
         for step in range(start, steps):
@@ -937,7 +947,7 @@ def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> Train
                 (config.ckpt_every and done % config.ckpt_every == 0) or done == steps)
             sample_now = can_sample and done % config.sample_every == 0
             if log_now or ckpt_now or sample_now or done == steps or len(pending) >= sync_every:
-                sync(step)
+                sync()
             if log_now or (config.log_every and done == steps and n_summed):
                 now = time.perf_counter()
                 train_time = max(now - t_log - io_time, 1e-9)
@@ -950,8 +960,9 @@ def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> Train
                 if log_file is not None:
                     log_file.write(json.dumps(rec) + "\n")
                     log_file.flush()
-                bar.set_postfix({**{k: f"{v:.4g}" for k, v in rec.items() if k.startswith("loss")},
-                                 "img/s": f"{rec['img_per_s']:.0f}"}, refresh=False)
+                if not bar.disable:
+                    postfix["img/s"] = f"{rec['img_per_s']:.0f}"
+                    bar.set_postfix(postfix, refresh=False)
                 sums.clear()
                 n_summed = 0
                 t_log, io_time = now, 0.0

@@ -46,6 +46,9 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
 
+_default_reparameterize = reparameterize  # VAE's argument of the same name shadows it
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL( N(mu, exp(logvar)) || N(0, I) ) per example, in nats, summed over latent dims.
 
@@ -204,7 +207,7 @@ class VAE(nn.Module):
         self.config = config = config or VAEConfig()
         self.encoder = encoder if encoder is not None else Encoder(config)
         self.decoder = decoder if decoder is not None else Decoder(config)
-        self.reparameterize = reparameterize if reparameterize is not None else globals()["reparameterize"]
+        self.reparameterize = reparameterize if reparameterize is not None else _default_reparameterize
         self.kl = kl if kl is not None else gaussian_kl
         self.nll = nll
         if config.likelihood == "gaussian":

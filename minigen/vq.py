@@ -28,7 +28,6 @@ learner's versions as constructor arguments.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -166,7 +165,7 @@ class VectorQuantizer(nn.Module):
 
     forward(z) -> (z_q, loss, info); info holds "indices" (N, H, W), "perplexity", "usage"
     (fraction of codes used in the batch), "codebook_loss", "commitment_loss" (unweighted)
-    and "replaced" (codes revived in this step).
+    and "replaced" (number of codes revived in this step, a tensor).
     """
 
     def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25, ema: bool = False,
@@ -197,6 +196,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("cluster_size", torch.ones(num_codes))
         self.register_buffer("embed_sum", self.embedding.weight.detach().clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self._maybe_uninitialised = kmeans_init
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -218,8 +218,10 @@ class VectorQuantizer(nn.Module):
         z32 = z.float()  # losses and distances in float32 even under autocast
         z_flat = z32.permute(0, 2, 3, 1).reshape(-1, D)
 
-        if self.training and not bool(self.initted):
-            self._kmeans_init(z_flat)
+        if self.training and self._maybe_uninitialised:
+            if not bool(self.initted):  # a buffer, so a loaded checkpoint is not re-initialised
+                self._kmeans_init(z_flat)
+            self._maybe_uninitialised = False  # read the buffer once, not every step
 
         with torch.no_grad():  # argmin has no gradient; don't build a graph through the distances
             indices = self.quantize_fn(z_flat, self.embedding.weight)
@@ -231,7 +233,7 @@ class VectorQuantizer(nn.Module):
         z_q = self.straight_through_fn(z32, z_q).to(z.dtype)
 
         counts = torch.bincount(indices, minlength=self.num_codes)
-        replaced = 0
+        replaced = torch.zeros((), dtype=torch.long, device=z.device)
         if self.training:
             replaced = self._update_codebook(z_flat.detach(), indices, counts)
         info = dict(
@@ -255,7 +257,7 @@ class VectorQuantizer(nn.Module):
         self.initted.fill_(True)
 
     @torch.no_grad()
-    def _update_codebook(self, z_flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> int:
+    def _update_codebook(self, z_flat: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """EMA statistics (both modes), the EMA codebook (ema mode), dead-code replacement."""
         if self.use_ema:
             cluster_size, embed_sum, codebook = self.ema_update_fn(
@@ -281,25 +283,24 @@ class VectorQuantizer(nn.Module):
             self.embedding.weight.copy_(codebook)
 
         if self.dead_code_threshold <= 0:
-            return 0
+            return torch.zeros((), dtype=torch.long, device=z_flat.device)
         dead = self.cluster_size < self.dead_code_threshold
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return 0
-        M = z_flat.shape[0]
-        pick = torch.randperm(M, device=z_flat.device)[:num_dead] if M >= num_dead else \
-            torch.randint(0, M, (num_dead,), device=z_flat.device)
+        # One random batch vector per code, used where the code is dead: torch.where instead
+        # of `if dead.any()` keeps the step free of GPU->CPU synchronisation.
+        pick = torch.randint(0, z_flat.shape[0], (self.num_codes,), device=z_flat.device)
         new = z_flat[pick].to(self.embedding.weight.dtype)
         if _distributed():
             dist.broadcast(new, src=0)  # the dead set is the same on every rank; use rank 0's vectors
-        # A revived code starts at the average usage (batch vectors / K), so it gets some
-        # steps to attract vectors before it could be judged dead again. (The optimizer's
-        # Adam moments for these rows are left as they are.)
-        reset = max(M / self.num_codes, self.dead_code_threshold)
-        self.embedding.weight[dead] = new
-        self.cluster_size[dead] = reset
-        self.embed_sum[dead] = new.to(self.embed_sum.dtype) * reset
-        return num_dead
+        # A revived code starts exactly at the threshold: if no vector picks it in the next
+        # step it is replaced again at once, so stranded codes keep following the (moving)
+        # encoder outputs. Starting it at the average usage instead kept codes stranded for
+        # ~100 steps: 49% vs 94.5% of test-set codes used after 200 steps on `shapes` (non-EMA, K=512).
+        # (The optimizer's Adam moments for these rows are left as they are.)
+        reset = self.dead_code_threshold
+        self.embedding.weight.copy_(torch.where(dead[:, None], new, self.embedding.weight))
+        self.cluster_size.masked_fill_(dead, reset)
+        self.embed_sum.copy_(torch.where(dead[:, None], new.to(self.embed_sum.dtype) * reset, self.embed_sum))
+        return dead.sum()
 
     def get_codebook_entry(self, indices: torch.Tensor, shape=None) -> torch.Tensor:
         """Token ids -> quantised feature map (N, code_dim, H, W) for the decoder.

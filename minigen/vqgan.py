@@ -132,8 +132,8 @@ class NLayerDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"NLayerDiscriminator expects (N, {self.in_channels}, H, W) images, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"NLayerDiscriminator expects {self.in_channels}-channel images "
+                             f"(N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         if self.output_size(min(x.shape[-2:]), self.n_layers) < 1:
             raise ValueError(f"{x.shape[-2]}x{x.shape[-1]} images are too small for a {self.n_layers}-layer "
                              f"PatchGAN; use fewer layers (disc_layers)")

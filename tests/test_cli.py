@@ -89,3 +89,17 @@ def test_train_then_resume_then_sample_autoencoder(tmp_path, capsys):
     # An autoencoder is not generative: sample says so instead of crashing.
     assert cli.main(["sample", str(out), "--out", str(tmp_path / "s.png")]) == 2
     assert "cannot sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["grade", "--help"], ["lessons", "build", "--help"]])
+def test_delegated_subcommands_have_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    assert "usage: minigen " + argv[0] in capsys.readouterr().out
+
+
+def test_delegated_subcommand_bad_argument_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["lessons", "build", "--bogus"])
+    assert e.value.code == 2

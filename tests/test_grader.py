@@ -171,7 +171,8 @@ def test_feedback_files(graded):
     stub = (fb / "stub.md").read_text()
     assert "not done yet" in stub and "0 / 3 points" in stub
     assert "the mean of the squared difference" in stub  # the stub's hint reaches the feedback
-    assert "3 / 3 points" in (fb / "correct.md").read_text()
+    correct = (fb / "correct.md").read_text()
+    assert "3 / 3 points" in correct and "Other problems" not in correct
     loop = (fb / "loop.md").read_text()
     assert "did not finish within 3 s" in loop
     assert "0 / 1" in (fb / "unkillable.md").read_text()

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minigen.nn import (
     AttnBlock,
@@ -17,6 +16,16 @@ from minigen.nn import (
     Upsample,
     timestep_embedding,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: a second thread only adds synchronisation, and on a shared 2-core
+    # machine a waiting OpenMP thread made these tests ~10x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

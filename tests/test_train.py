@@ -112,9 +112,10 @@ def test_loss_falls_and_log_is_written(tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "temporary checkpoint files left behind"
 
 
-def test_tensor_data_and_overrides():
+def test_tensor_data_and_overrides(capsys):
     x = structured_images(40)
-    res = fit(make_model(), x, TrainConfig(steps=3, batch_size=8), lr=1e-3, **QUIET)
+    res = fit(make_model(), x, TrainConfig(steps=3, batch_size=8), lr=1e-3, log_every=1)
+    assert "3/3" in capsys.readouterr().err  # the progress bar
     assert [h["step"] for h in res.history] == [1, 2, 3]
     assert res.history[0]["lr"] == 1e-3
     assert isinstance(res.model, TinyAE) and res.ema is None
@@ -205,6 +206,14 @@ def test_grad_accumulation_equals_one_big_batch():
     other = fit(make_model(), data, grad_accum=1, **{**kw, "batch_size": 16})
     with pytest.raises(AssertionError):
         assert_same_weights(one.model, other.model, exact=False, atol=1e-6)
+
+
+def test_worker_processes_load_the_same_batches():
+    data = torch.utils.data.TensorDataset(structured_images(48), torch.zeros(48, dtype=torch.long))
+    kw = dict(steps=4, batch_size=8, grad_accum=2, **QUIET)
+    main = fit(make_model(noise=0.1), data, num_workers=0, **kw)
+    workers = fit(make_model(noise=0.1), data, num_workers=2, **kw)
+    assert_same_weights(main.model, workers.model, exact=True)
 
 
 def test_data_order_is_a_function_of_seed_and_step():
@@ -455,7 +464,7 @@ class Returns(nn.Module):
 
 
 @pytest.mark.parametrize("fn, exc, match", [
-    (lambda w, b: float(w.sum()), TypeError, "scalar Tensor or a dict"),
+    (lambda w, b: [w.sum()], TypeError, "scalar Tensor or a dict"),
     (lambda w, b: {"total": w.sum()}, TypeError, "without a 'loss' key"),
     (lambda w, b: w * 2, ValueError, r"scalar loss.*\.mean\(\)"),
     (lambda w, b: w.sum().detach(), ValueError, "does not require grad"),

@@ -386,7 +386,7 @@ def _ddp_worker(rank, world, port, out_dir):
             layer.dead_code_threshold = 3.0 if step < 2 else 0.0  # end on plain EMA steps
             replaced += layer(torch.randn(2, 2, 4, 4, generator=g))[2]["replaced"]
         states[ema] = {k: v.clone() for k, v in layer.state_dict().items()}
-        states[ema]["replaced"] = torch.tensor(replaced)
+        states[ema]["replaced"] = replaced
     torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
