@@ -175,7 +175,7 @@ def cmd_sample(args) -> int:
             kwargs[key] = value
     if not hasattr(model, "sample_images"):
         raise UsageError(f"{type(model).__name__} cannot sample (it is not a generative model); "
-                         "train a vae, vqvae, ddpm or ldm instead")
+                         "train a vae, ddpm or ldm instead (a vqvae or vqgan samples through a transformer prior: see lesson 04 and `minigen tour`)")
     with torch.no_grad():
         try:
             x = model.sample_images(args.n, **kwargs)

@@ -659,6 +659,8 @@ class GaussianDiffusion(nn.Module):
                  p_sample=p_sample, ddim_step=ddim_step, guidance=classifier_free_guidance,
                  inpaint=inpaint):
         super().__init__()
+        if isinstance(model, DiffusionConfig):  # GaussianDiffusion(config): rebuild from config.unet
+            model, config = None, model
         self.config = config = config or DiffusionConfig()
         if model is None:
             if config.unet is None:

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minigen import metrics
 
@@ -227,7 +226,8 @@ def extract_features(judge: Judge, images: Tensor, *, batch_size: int = 500) -> 
     was_training = judge.training
     judge.eval()
     try:
-        return torch.cat([judge.features(images[i : i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
+        batches = range(0, len(images), batch_size)
+        return torch.cat([judge.features(images[i : i + batch_size]).float().cpu() for i in batches])
     finally:
         judge.train(was_training)
 

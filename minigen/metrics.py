@@ -410,7 +410,8 @@ def conditional_accuracy(judge, images: Tensor, labels: Tensor, *, batch_size: i
     labels = torch.as_tensor(labels)
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
-    pred = torch.cat([judge.predict(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)])
+    batches = range(0, images.shape[0], batch_size)
+    pred = torch.cat([judge.predict(images[i : i + batch_size]) for i in batches])
     return float((pred.cpu() == labels.cpu().long()).double().mean())
 
 

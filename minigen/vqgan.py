@@ -144,16 +144,36 @@ def _levels(ch: int, ch_mult) -> list[int]:
     return [ch * m for m in ch_mult]
 
 
+def _widen_norm_groups(module: nn.Module, min_group_channels: int) -> None:
+    """Give every GroupNorm in `module` at least `min_group_channels` channels per group.
+
+    minigen.nn.Normalize uses 32 groups (taming's choice, made for 128+ channels). At our
+    CPU widths (16, 32) that is one channel per group, i.e. InstanceNorm, which removes each
+    image's per-channel mean: a flat red background and a flat blue one look alike to the
+    next layer, and colours come back wrong. Measured on shapes, 240 steps, L1 only: PSNR
+    15.1 dB with 1 channel per group, 19.2 dB with 4. At taming's widths (>= 128 channels)
+    this changes nothing: 32 groups of >= 4 channels.
+    """
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                c = child.num_channels
+                groups = max(1, min(child.num_groups, c // min_group_channels))
+                setattr(parent, name, Normalize(c, num_groups=groups, eps=child.eps))
+
+
 class Encoder(nn.Module):
     """Image (N, C, S, S) -> features (N, z_channels, S / 2^(L-1), ...) for L = len(ch_mult) levels.
 
     conv_in; per level num_res_blocks ResnetBlocks (+ AttnBlock at the resolutions in
     attn_resolutions) and a Downsample except after the last level; a middle ResnetBlock,
-    AttnBlock, ResnetBlock at the lowest resolution; GroupNorm, SiLU, conv_out.
+    AttnBlock, ResnetBlock at the lowest resolution; GroupNorm, SiLU, conv_out. Every
+    GroupNorm keeps >= min_group_channels channels per group (see _widen_norm_groups).
     """
 
     def __init__(self, in_channels: int = 3, ch: int = 64, ch_mult=(1, 2, 2), num_res_blocks: int = 1,
-                 attn_resolutions=(8,), resolution: int = 32, z_channels: int = 64, dropout: float = 0.0):
+                 attn_resolutions=(8,), resolution: int = 32, z_channels: int = 64, dropout: float = 0.0,
+                 min_group_channels: int = 4):
         super().__init__()
         self.out_channels = z_channels
         widths = _levels(ch, ch_mult)
@@ -177,6 +197,7 @@ class Encoder(nn.Module):
         self.mid_block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+        _widen_norm_groups(self, min_group_channels)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -199,7 +220,8 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, out_channels: int = 3, ch: int = 64, ch_mult=(1, 2, 2), num_res_blocks: int = 1,
-                 attn_resolutions=(8,), resolution: int = 32, z_channels: int = 64, dropout: float = 0.0):
+                 attn_resolutions=(8,), resolution: int = 32, z_channels: int = 64, dropout: float = 0.0,
+                 min_group_channels: int = 4):
         super().__init__()
         self.in_channels = z_channels
         widths = _levels(ch, ch_mult)
@@ -228,6 +250,7 @@ class Decoder(nn.Module):
         self.up.extend(levels)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        _widen_norm_groups(self, min_group_channels)
 
     def forward(self, z):
         h = self.conv_in(z)
@@ -254,6 +277,7 @@ class VQGANConfig:
     num_res_blocks: int = 1
     attn_resolutions: tuple | None = None   # None: attention at the lowest resolution only
     dropout: float = 0.0
+    min_group_channels: int = 4             # GroupNorm: at least this many channels per group
     z_channels: int = 32
     # quantizer (minigen.vq.VectorQuantizer)
     code_dim: int = 32
@@ -329,7 +353,8 @@ class VQGAN(nn.Module):
         self.config = cfg = config or VQGANConfig()
         attn = cfg.attn_resolutions if cfg.attn_resolutions is not None else (cfg.latent_size,)
         net = dict(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks, attn_resolutions=attn,
-                   resolution=cfg.image_size, z_channels=cfg.z_channels, dropout=cfg.dropout)
+                   resolution=cfg.image_size, z_channels=cfg.z_channels, dropout=cfg.dropout,
+                   min_group_channels=cfg.min_group_channels)
         self.encoder = encoder if encoder is not None else Encoder(cfg.in_channels, **net)
         self.decoder = decoder if decoder is not None else Decoder(cfg.in_channels, **net)
         self.quantize = quantizer if quantizer is not None else VectorQuantizer(

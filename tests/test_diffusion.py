@@ -379,6 +379,8 @@ def test_build_and_config_roundtrip():
     # rebuild from the plain dict a checkpoint stores
     again = D.GaussianDiffusion(None, D.DiffusionConfig(**asdict(model.config)))
     again.load_state_dict(model.state_dict())
+    again = D.GaussianDiffusion(D.DiffusionConfig(**asdict(model.config)))
+    again.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match="unknown diffusion option"):
         D.build({"chanels": 8}, (3, 32, 32), None)
     with pytest.raises(ValueError, match="beta_schedule"):

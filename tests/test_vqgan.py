@@ -329,6 +329,17 @@ def test_encode_decode_roundtrip_and_no_codebook_updates():
     assert torch.equal(before, m.quantize.cluster_size)
 
 
+def test_norm_groups_keep_several_channels():
+    # 32 groups (taming) at 16 channels would be InstanceNorm; we keep >= 4 channels per group
+    for ch, expected in ((16, {16: 4, 32: 8}), (128, {128: 32, 256: 32})):
+        enc = G.Encoder(3, ch=ch, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=8)
+        dec = G.Decoder(3, ch=ch, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=8)
+        norms = [m for net in (enc, dec) for m in net.modules() if isinstance(m, nn.GroupNorm)]
+        assert len(norms) > 10
+        assert {m.num_channels: m.num_groups for m in norms} == expected
+        assert all(m.eps == 1e-6 for m in norms)
+
+
 def test_configure_optimizers_split_parameters():
     m = G.VQGAN(tiny_config())
     opts = m.configure_optimizers(TrainConfig(lr=3e-4))
