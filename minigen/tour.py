@@ -74,7 +74,7 @@ def stage_autoencoder(out: Path, device, seed) -> StageResult:
 
     ds = _train_set("shapes")
     model = AutoEncoder(AutoEncoderConfig(in_channels=3, image_size=32, channels=32, latent_channels=8))
-    steps = budget(600, quick=20)
+    steps = budget(300, quick=20, gpu=3000)
     _, secs = _fit(model, ds, steps, out, device, seed, batch_size=64, lr=2e-3)
     x, _ = data.load_dataset("shapes", split="test").tensors(256)
     m, x_hat = _reconstruction_metrics(model.cpu(), x)
@@ -112,7 +112,7 @@ def stage_vae(out: Path, device, seed) -> StageResult:
 
     ds = _train_set("digits")
     model = VAE(VAEConfig(in_channels=1, image_size=28, latent_dim=16, likelihood="bernoulli"))
-    steps = budget(1500, quick=20)
+    steps = budget(800, quick=20, gpu=5000)
     _, secs = _fit(model, ds, steps, out, device, seed, batch_size=128, lr=1e-3)
     model = model.cpu().eval()
     x_test, _ = data.load_dataset("digits", split="test", n=budget(2000, quick=200)).tensors()
@@ -134,7 +134,7 @@ def stage_vqvae_and_prior(out: Path, device, seed) -> list[StageResult]:
 
     ds = _train_set("shapes")
     vq = VQVAE(VQVAEConfig(num_codes=128, code_dim=32, hidden_channels=64))
-    steps = budget(800, quick=20)
+    steps = budget(400, quick=20, gpu=4000)
     _, secs = _fit(vq, ds, steps, out, device, seed, batch_size=64, lr=1e-3)
     vq = vq.cpu().eval()
     x_test, _ = data.load_dataset("shapes", split="test", n=budget(1000, quick=128)).tensors()
@@ -149,16 +149,16 @@ def stage_vqvae_and_prior(out: Path, device, seed) -> list[StageResult]:
                            "top row: test images; bottom row: reconstructions through 8x8 codes")]
 
     # The prior: a class-conditional transformer over the 8x8 code maps of the training set.
-    n_train = budget(20000, quick=512)
+    n_train = budget(10000, quick=512)
     x_train, y_train = ds.tensors(n_train)
     with torch.no_grad():
         codes = torch.cat([vq.encode(x_train[i:i + 500])[1] for i in range(0, n_train, 500)])
     gpt = GPT(GPTConfig(vocab_size=vq.config.num_codes, block_size=codes[0].numel(),
                         n_layer=4, n_head=4, n_embd=128, num_classes=len(ds.classes)))
-    steps = budget(1500, quick=20)
+    steps = budget(600, quick=20, gpu=5000)
     _, secs = _fit(gpt, PriorDataset(codes, y_train), steps, out, device, seed, batch_size=64, lr=1e-3)
     gpt = gpt.cpu().eval()
-    n = budget(500, quick=36)
+    n = budget(360, quick=36)
     y = torch.arange(n) % len(ds.classes)
     h = w = vq.config.latent_size
 
@@ -179,11 +179,12 @@ def stage_ddpm(out: Path, device, seed) -> StageResult:
     from minigen import diffusion
 
     ds = _train_set("shapes")
-    model = diffusion.build({"beta_schedule": "cosine"}, ds.image_shape, len(ds.classes))
-    steps = budget(2500, quick=10, gpu=20000)
+    # A small U-Net: the tour has minutes, not hours (lesson 05/06 train longer).
+    model = diffusion.build({"beta_schedule": "cosine", "channels": 32}, ds.image_shape, len(ds.classes))
+    steps = budget(400, quick=10, gpu=20000)
     _, secs = _fit(model, ds, steps, out, device, seed, batch_size=64, lr=5e-4, ema_decay=None)
     model = model.to(device).eval()
-    n = budget(300, quick=18)
+    n = budget(180, quick=18)
     y = torch.arange(n) % len(ds.classes)
     x, per_image = _timed_samples(
         lambda k: model.sample(k, y=y[:k].to(device), guidance_scale=3.0, steps=budget(50, quick=5)), n)

@@ -27,7 +27,9 @@ What `fit` handles, in the order a step meets it:
   update. Each optimizer gets the LR schedule (warm-up, then constant/cosine/linear decay,
   applied as a factor on each param group's own lr) and its own gradient clipping.
 - EMA of the weights (`EMA`), kept in fp32, saved in the checkpoint, returned as `TrainResult.ema`.
-- logging: a tqdm bar (loss, images/s), ``out_dir/log.jsonl`` every ``log_every`` steps,
+- logging: a tqdm bar (loss, images/s), ``out_dir/log.jsonl`` every ``log_every`` steps
+  (step, loss and the model's metrics averaged over the interval, lr, img_per_s, elapsed; with
+  several optimizers ``loss_<name>`` and ``lr_<name>``),
   sample grids ``out_dir/samples/step_XXXXXX.png`` from ``model.sample_images(n)`` (drawn with a
   fixed seed and the EMA weights when there are any, in a forked RNG so that sampling never
   changes the training run).
@@ -39,6 +41,10 @@ What `fit` handles, in the order a step meets it:
   bit-identical weights to an uninterrupted one on the same machine. The config passed to the
   resuming call is the one used from then on (pass a larger ``steps`` to train longer; note
   that a cosine/linear schedule is defined over ``steps``).
+
+Speed on a CPU: `fit` raises glibc malloc's mmap and trim thresholds once per process
+(`_tune_malloc`; opt out with ``MINIGEN_NO_MALLOPT=1``), so activation buffers are reused
+instead of being mapped and page-faulted in again at every step; see benchmarks/train_overhead.py.
 
 Distributed data parallel
 -------------------------
@@ -90,7 +96,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import default_collate
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
 import minigen
 
@@ -675,6 +681,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
         tensors, not tuples).
     config: a TrainConfig; keyword `overrides` replace its fields (``fit(m, d, steps=500)``).
     loss_fn: ``loss_fn(model, batch, step[, name])`` used instead of ``model.training_loss``.
+
+    ``step`` is the 0-based index of the optimizer step being computed; log records and
+    checkpoints count steps done. A fresh run first seeds every RNG with ``config.seed`` (plus
+    the rank under DDP), so two calls with the same arguments train identically.
     """
     config = config if config is not None else TrainConfig()
     if not isinstance(config, TrainConfig):
