@@ -519,8 +519,10 @@ class VQGAN(nn.Module):
             zero = sum(p.sum() for p in self.discriminator.parameters() if p.requires_grad) * 0.0
             return dict(loss=zero, d_loss=zero.detach(), logits_real=zero.detach(), logits_fake=zero.detach())
         # The reconstruction is recomputed without a graph, with the quantizer in eval mode so
-        # that its codebook statistics are updated once per step (in the "g" pass). Caching the
-        # "g" pass's x_hat would save this forward but breaks with gradient accumulation.
+        # that its codebook statistics are updated once per step (in the "g" pass). fit runs
+        # this after the generator's update, so D sees the current generator's output (as in
+        # taming's Lightning loop). Caching the "g" pass's x_hat would save this forward but
+        # breaks with gradient accumulation.
         with torch.no_grad():
             x_hat = self.decode(self.encode(x)[0])
         logits_real = self.discriminator(x.detach())

@@ -1,6 +1,7 @@
 """Every lesson-02 check: correct answers (several formulations) pass, the stub fails naming the
 exercise, and typical wrong answers fail with the helpful "Likely mistake" message."""
 
+import contextlib
 import math
 
 import pytest
@@ -35,7 +36,8 @@ def good_quantize(z_flat, codebook):
 
 def expansion(z_flat, codebook, *, zz=1.0, ee=1.0, two=2.0, argmax=False, dtype=torch.float32, autocast_off=True):
     """The expansion with switchable terms, to produce the typical wrong answers."""
-    with torch.autocast(device_type=z_flat.device.type, enabled=not autocast_off):
+    ctx = torch.autocast(device_type=z_flat.device.type, enabled=False) if autocast_off else contextlib.nullcontext()
+    with ctx:
         z, e = z_flat.to(dtype), codebook.to(dtype)
         d = zz * z.pow(2).sum(1, keepdim=True) + ee * e.pow(2).sum(1) - two * (z @ e.t())
         return d.argmax(1) if argmax else d.argmin(1)
@@ -183,7 +185,7 @@ def per_element(z, z_q, beta=0.25):
 
 @pytest.mark.parametrize("answer, fragment", [
     (legacy_swap, "legacy=True"),
-    (taming_legacy_literal, "swapped"),
+    (taming_legacy_literal, "legacy=True"),
     (no_stop_gradients, "codebook_loss sends gradient to z"),
     (swapped_order, "swapped"),
     (summed, "you summed"),

@@ -337,6 +337,12 @@ def ema_update(fn) -> None:
                                                         "(1 - decay) * counts, not just this batch's counts"),
         ])
         # embed_sum: code by code, so a loop-free duplicate bug (sums[idx] += z) is recognisable
+        # (the means variant is also wrong only for codes chosen several times: test it first)
+        means = _ema_reference(N, m, z, idx, decay, eps, means=True)[1]
+        if torch.allclose(m_out.double(), means, atol=1e-5, rtol=1e-5):
+            ex.fail("embed_sum is wrong for the codes chosen by several vectors" + case,
+                    mistake="embed_sum accumulates the *sum* of the vectors assigned to each code, not their mean "
+                            "(the division by the count happens once, in the codebook)")
         counts = torch.bincount(idx, minlength=K)
         bad = ((m_out.double() - rm).abs() > 1e-5 + 1e-5 * rm.abs()).any(1)
         if bad.any() and not bad[counts <= 1].any():
@@ -346,9 +352,6 @@ def ema_update(fn) -> None:
                             "F.one_hot(indices, K).T.float() @ z_flat")
         ex.close(m_out, rm, atol=1e-5, rtol=1e-5, what="embed_sum" + case, mistakes=[
             (flipped[1], flip_hint),
-            (_ema_reference(N, m, z, idx, decay, eps, means=True)[1],
-             "embed_sum accumulates the *sum* of the vectors assigned to each code, not their mean "
-             "(the division by the count happens once, in the codebook)"),
         ])
         if not torch.isfinite(e_out).all():
             ex.fail("the codebook contains NaN/inf" + case,
