@@ -397,7 +397,7 @@ def _denoise_step(model_fn, x, t, t_prev, alphas_cumprod, sampler, *, eta, gener
 def _progress(it, progress, desc):
     if not progress:
         return it
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(it, desc=desc, leave=False)
 
