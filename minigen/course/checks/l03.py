@@ -1,0 +1,318 @@
+"""Checks for lesson 03 (VQGAN): the hinge discriminator loss and the generator loss, the
+adaptive GAN weight, and the PatchGAN discriminator.
+
+The references are written here, independently of minigen.vqgan: float64 formulas for the
+losses, gradient norms taken on a small graph built by the check, and the PatchGAN's output
+size and receptive field computed from the convolution arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigen.course.checks._framework import Exercise, _fmt_shape
+
+__all__ = ["gan_losses", "adaptive_weight", "patch_discriminator"]
+
+
+# ---------------------------------------------------------------------------- 3.1
+def _logits(g, shape):
+    # a spread of values on both sides of the hinge margins (|l| > 1 and |l| < 1 both occur)
+    return (torch.randn(shape, generator=g) * 1.5 + 0.3 * torch.randn((), generator=g)).requires_grad_()
+
+
+def _scalar(ex, out, what):
+    if isinstance(out, torch.Tensor) and out.dim() != 0:
+        ex.fail(f"{what} has shape {_fmt_shape(out.shape)}; a loss must be a single number (shape ())",
+                mistake="average over every logit with .mean() (one logit per patch, per image)")
+    return ex.tensor(out, shape=(), what=what)
+
+
+def _hinge_d(ex, fn, lr, lf, case):
+    before = (lr.detach().clone(), lf.detach().clone())
+    out = _scalar(ex, ex.call(fn, lr, lf), "the discriminator loss" + case)
+    if not (torch.equal(lr.detach(), before[0]) and torch.equal(lf.detach(), before[1])):
+        ex.fail("your function changed the logits in place; use out-of-place operations")
+    r, f = lr.detach().double(), lf.detach().double()
+    relu = torch.relu
+    ref = 0.5 * (relu(1 - r).mean() + relu(1 + f).mean())
+    ex.close(out, ref, atol=1e-5, rtol=1e-5, what="the discriminator loss" + case, mistakes=[
+        (0.5 * (relu(1 - r).mean() + relu(1 - f).mean()),
+         "relu(1 - D) on the fakes too: a fake patch should be pushed *below* -1, so its term is relu(1 + D(x_hat))"),
+        (0.5 * (relu(1 + r).mean() + relu(1 - f).mean()),
+         "the signs are flipped: real patches should score >= +1 (relu(1 - D(x))), fakes <= -1 (relu(1 + D(x_hat)))"),
+        (relu(1 - r).mean() + relu(1 + f).mean(), "the factor 1/2 is missing: 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)))"),
+        (0.5 * (relu(1 - r).sum() + relu(1 + f).sum()),
+         "you summed over the logits; take the mean, so the loss does not grow with batch size and patch count"),
+        (relu(1 - r).sum() + relu(1 + f).sum(), "you summed over the logits and dropped the 1/2; take 1/2 (mean + mean)"),
+        (0.5 * ((1 - r).mean() + (1 + f).mean()),
+         "the relu is missing: without it this is a linear loss that pushes D's logits without bound"),
+        (0.5 * (relu(-r).mean() + relu(f).mean()), "the margin 1 is missing: relu(1 - D(x)) and relu(1 + D(x_hat))"),
+        (0.5 * (F.softplus(-r).mean() + F.softplus(f).mean()),
+         "that is the vanilla (softplus / cross-entropy) loss; the hinge loss uses relu(1 - D(x)) and relu(1 + D(x_hat))"),
+    ])
+    ex.gradients_flow(out, {"logits_real": lr, "logits_fake": lf}, what="the discriminator loss")
+
+
+def _gen(ex, fn, lf, case):
+    out = _scalar(ex, ex.call(fn, lf), "the generator loss" + case)
+    f = lf.detach().double()
+    ref = -f.mean()
+    ex.close(out, ref, atol=1e-5, rtol=1e-5, what="the generator loss" + case, mistakes=[
+        (f.mean(), "the sign is flipped: the generator wants D(x_hat) *high* (real-looking), so it minimises -mean D(x_hat)"),
+        (-f.sum(), "you summed over the logits; take the mean"),
+        (torch.relu(1 - f).mean(), "relu(1 - D(x_hat)) is the discriminator's hinge term for a real image; the generator "
+                                   "loss has no margin: -mean D(x_hat)"),
+        (F.softplus(-f).mean(), "that is the non-saturating cross-entropy loss; VQGAN (taming) uses -mean D(x_hat)"),
+        (-0.5 * f.mean(), "no 1/2 here: the generator loss is -mean D(x_hat)"),
+    ])
+    ex.gradients_flow(out, {"logits_fake": lf}, what="the generator loss")
+
+
+def gan_losses(hinge_d_loss, generator_loss) -> None:
+    """Exercise 3.1: hinge_d_loss(logits_real, logits_fake) and generator_loss(logits_fake), scalars."""
+    ex = Exercise("3.1", "gan_losses")
+    g = torch.Generator().manual_seed(31)
+    for shape in [(4, 1, 6, 6), (2, 1, 7, 5), (3, 1, 1, 1)]:
+        case = f" (logits of shape {_fmt_shape(shape)})"
+        lr, lf = _logits(g, shape), _logits(g, shape)
+        _hinge_d(ex, hinge_d_loss, lr, lf, case)
+        _gen(ex, generator_loss, _logits(g, shape), case)
+    # The saturated case: a perfect discriminator (real >= 1, fake <= -1) has zero loss.
+    lr = (torch.rand(4, 1, 3, 3, generator=g) + 1.0).requires_grad_()
+    lf = (-torch.rand(4, 1, 3, 3, generator=g) - 1.0).requires_grad_()
+    out = ex.call(hinge_d_loss, lr, lf)
+    if isinstance(out, torch.Tensor) and abs(float(out.detach())) > 1e-6:
+        ex.fail(f"the discriminator loss is {float(out):.4g} for logits real >= 1 and fake <= -1; expected 0 "
+                "(the hinge stops pushing once D is confident by the margin)")
+    ex.passed("values, scalar shapes, gradients")
+
+
+# ---------------------------------------------------------------------------- 3.2
+class _Tiny(nn.Module):
+    """conv -> tanh -> conv (the "last layer") -> image; a fixed random conv plays D."""
+
+    def __init__(self, g, c_in=4, hidden=6, c_out=3):
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(hidden, c_in, 3, 3, generator=g) * 0.3)
+        self.last = nn.Parameter(torch.randn(c_out, hidden, 3, 3, generator=g) * 0.3)
+        self.d = torch.randn(1, c_out, 3, 3, generator=g)
+
+    def losses(self, x, target, rec_scale, g_scale):
+        h = torch.tanh(F.conv2d(x, self.first, padding=1))
+        y = F.conv2d(h, self.last, padding=1)
+        rec = rec_scale * (y - target).abs().mean()
+        g_loss = -g_scale * F.conv2d(y, self.d).mean()
+        return rec, g_loss
+
+
+def _adaptive_case(ex, fn, g, rec_scale, g_scale, disc_weight, case):
+    model = _Tiny(g)
+    x = torch.randn(2, 4, 6, 6, generator=g)
+    target = torch.randn(2, 3, 6, 6, generator=g)
+    rec, g_loss = model.losses(x, target, rec_scale, g_scale)
+    # independent reference: the two gradients w.r.t. W, in float64 from a float64 copy
+    m64 = _Tiny(torch.Generator())
+    with torch.no_grad():
+        m64.first = nn.Parameter(model.first.detach().double())
+        m64.last = nn.Parameter(model.last.detach().double())
+        m64.d = model.d.double()
+    r64, g64 = m64.losses(x.double(), target.double(), rec_scale, g_scale)
+    gr_w = torch.autograd.grad(r64, m64.last, retain_graph=True)[0]
+    gg_w = torch.autograd.grad(g64, m64.last, retain_graph=True)[0]
+    gr_first = torch.autograd.grad(r64, m64.first, retain_graph=True)[0]
+    gg_first = torch.autograd.grad(g64, m64.first)[0]
+    nr, ng = gr_w.norm(), gg_w.norm()
+
+    args = (rec, g_loss, model.last) if disc_weight is None else (rec, g_loss, model.last, disc_weight)
+    out = ex.call(fn, *args)
+    w = 0.8 if disc_weight is None else disc_weight
+    if isinstance(out, (float, int)):
+        ex.fail(f"the weight is a Python {type(out).__name__}; return the 0-dim tensor (no .item())")
+    if isinstance(out, torch.Tensor) and out.dim() != 0:
+        ex.fail(f"the weight has shape {_fmt_shape(out.shape)}; it must be a single number (shape ())",
+                mistake="take the norm of the whole gradient tensor: grad.norm(), not a per-channel norm")
+    out = ex.tensor(out, shape=(), what="the weight" + case)
+    if out.requires_grad:
+        ex.fail("the weight still requires grad: detach it. It is a constant that scales the GAN loss; "
+                "without detach the optimizer would also backpropagate into the gradient norms "
+                "(a second-order term that taming does not use)")
+    if model.last.grad is not None or model.first.grad is not None:
+        ex.fail("your function wrote into the parameters' .grad: .backward() accumulates into every "
+                "parameter's gradient, and the optimizer would then apply it",
+                mistake="use torch.autograd.grad(loss, last_layer, retain_graph=True)[0], which returns the "
+                        "gradient without touching .grad")
+    try:
+        (rec + g_loss).backward()
+    except RuntimeError as e:
+        if "second time" in str(e) or "freed" in str(e):
+            ex.fail("after your function the training step can no longer backpropagate through the losses: "
+                    "the graph was freed",
+                    mistake="pass retain_graph=True to both torch.autograd.grad calls: the real backward "
+                            "pass still needs that graph")
+        raise
+    clamp = lambda v: v.clamp(0, 1e4)  # noqa: E731
+    ref = clamp(nr / (ng + 1e-4)) * w
+    nr1, ng1 = gr_w.abs().sum(), gg_w.abs().sum()
+    ex.close(out, ref, atol=1e-6, rtol=2e-4, what="the weight" + case, mistakes=[
+        (clamp(ng / (nr + 1e-4)) * w, "the ratio is inverted: lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4)"),
+        ((nr / (ng + 1e-4)) * w, "the clamp is missing: clamp the ratio to [0, 1e4] (before multiplying by disc_weight), "
+                                 "so a vanishing GAN gradient cannot blow the weight up"),
+        (clamp(nr / ng) * w, "the 1e-4 is missing: ||grad L_rec|| / (||grad L_G|| + 1e-4) keeps lambda finite when "
+                             "the GAN gradient is tiny"),
+        (clamp(nr / (ng + 1e-4) * w), "multiply by disc_weight *after* clamping the ratio to [0, 1e4]"),
+        (clamp(nr / (ng + 1e-4)), f"disc_weight is missing: multiply the clamped ratio by disc_weight ({w})"),
+        (clamp(nr ** 2 / (ng ** 2 + 1e-4)) * w, "use the norms ||g|| = sqrt(sum g^2), not squared norms"),
+        (clamp(nr1 / (ng1 + 1e-4)) * w, "that is the L1 norm (sum of |g|); use the L2 norm, grad.norm()"),
+        (clamp(gr_first.norm() / (gg_first.norm() + 1e-4)) * w,
+         "the gradients are taken with respect to the wrong parameter: use last_layer, the decoder's last weight"),
+        (clamp(nr / (ng + 1e-4)) * 0.8 if disc_weight is not None and disc_weight != 0.8 else torch.tensor(float("nan")),
+         "use the disc_weight argument instead of a fixed 0.8"),
+    ])
+
+
+def adaptive_weight(fn) -> None:
+    """Exercise 3.2: lambda = clamp(||grad_W rec|| / (||grad_W g|| + 1e-4), 0, 1e4).detach() * disc_weight."""
+    ex = Exercise("3.2", "adaptive_weight")
+    g = torch.Generator().manual_seed(32)
+    cases = [
+        (1.0, 1.0, None, " (typical losses, default disc_weight)"),
+        (3.0, 0.2, 0.5, " (disc_weight=0.5)"),
+        (0.01, 3e-4, 1.0, " (a tiny GAN gradient, where the 1e-4 matters)"),
+        (50.0, 1e-7, 0.8, " (a vanishing GAN gradient: the ratio must be clamped to 1e4)"),
+    ]
+    for rec_scale, g_scale, disc_weight, case in cases:
+        _adaptive_case(ex, fn, g, rec_scale, g_scale, disc_weight, case)
+    ex.passed("values, clamp, epsilon, detached, graph kept")
+
+
+# ---------------------------------------------------------------------------- 3.3
+_SPEC = [(4, 2, 1), (4, 2, 1), (4, 1, 1)]  # (kernel, stride, padding) of the three convolutions
+
+
+def _out_side(s, spec):
+    for k, st, p in spec:
+        s = (s + 2 * p - k) // st + 1
+    return s
+
+
+def _receptive_field(spec):
+    rf, jump = 1, 1
+    for k, st, _ in spec:
+        rf += (k - 1) * jump
+        jump *= st
+    return rf
+
+
+def _grid_mistake(got_h, size):
+    """Name the conv-arithmetic slip that would give a `got_h` x ... grid for a `size` px image."""
+    variants = {
+        "the last conv has stride 2; it should have stride 1 (kernel 4, padding 1)": [(4, 2, 1)] * 3,
+        "the first conv has stride 1; it should have stride 2 (kernel 4, padding 1)": [(4, 1, 1), (4, 2, 1), (4, 1, 1)],
+        "the second conv has stride 1; it should have stride 2 (kernel 4, padding 1)": [(4, 2, 1), (4, 1, 1), (4, 1, 1)],
+        "the convolutions have no padding; use padding=1 on all three": [(4, 2, 0), (4, 2, 0), (4, 1, 0)],
+        "the last conv has padding 0; use padding=1": [(4, 2, 1), (4, 2, 1), (4, 1, 0)],
+        "kernel 3 instead of 4: use kernel_size=4, padding=1": [(3, 2, 1), (3, 2, 1), (3, 1, 1)],
+    }
+    for msg, spec in variants.items():
+        if _out_side(size, spec) == got_h and got_h != _out_side(size, _SPEC):
+            return msg
+    return None
+
+
+def _leaves(net):
+    return [m for m in net.modules() if len(list(m.children())) == 0]
+
+
+def patch_discriminator(cls) -> None:
+    """Exercise 3.3: PatchDiscriminator(in_channels, ndf): conv k4 s2 -> LReLU(0.2) -> conv k4 s2, BN -> LReLU(0.2)
+    -> conv k4 s1 to 1 channel; raw logits, fully convolutional."""
+    ex = Exercise("3.3", "patch_discriminator")
+    if not isinstance(cls, type):
+        ex.fail(f"expected your class, got a {type(cls).__name__}: pass PatchDiscriminator itself, "
+                "not an instance")
+    for in_channels, ndf in [(3, 8), (1, 12)]:
+        net = ex.call(cls, in_channels=in_channels, ndf=ndf)
+        if not isinstance(net, nn.Module):
+            ex.fail(f"PatchDiscriminator(...) should be an nn.Module, got {type(net).__name__}")
+        leaves = _leaves(net)
+        kinds = [type(m) for m in leaves]
+        if nn.Linear in kinds or nn.Flatten in kinds:
+            ex.fail("there is a Linear/Flatten layer: a PatchGAN is fully convolutional, it outputs a grid of "
+                    "logits (one per patch), and works on any image size")
+        if nn.Sigmoid in kinds or nn.Tanh in kinds:
+            ex.fail(f"there is a final {'Sigmoid' if nn.Sigmoid in kinds else 'Tanh'}",
+                    mistake="output raw logits: the hinge loss compares D's output with the margins +1 and -1, "
+                            "which a sigmoid (0..1) can never reach in the right way")
+        if nn.ReLU in kinds:
+            ex.fail("there is a ReLU", mistake="use nn.LeakyReLU(0.2): a ReLU zeroes the gradient of every negative "
+                                               "activation, and the generator learns only through D's gradients")
+        convs = [m for m in leaves if isinstance(m, nn.Conv2d)]
+        if len(convs) != 3:
+            ex.fail(f"found {len(convs)} nn.Conv2d layer(s), expected 3 (two stride-2 convs, then one stride-1 conv "
+                    "to 1 channel); build it from nn modules, e.g. an nn.Sequential")
+        for i, (conv, (k, s, p)) in enumerate(zip(convs, _SPEC)):
+            got = (conv.kernel_size, conv.stride, conv.padding)
+            if got != ((k, k), (s, s), (p, p)):
+                ex.fail(f"conv {i + 1} has kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}; "
+                        f"expected kernel 4, stride {s}, padding 1")
+        chans = [(c.in_channels, c.out_channels) for c in convs]
+        want = [(in_channels, ndf), (ndf, 2 * ndf), (2 * ndf, 1)]
+        if chans != want:
+            mistake = ("the last conv must output 1 channel: one logit per patch" if chans[2][1] != 1 else None)
+            ex.fail(f"the convs map channels {chans}, expected {want} for in_channels={in_channels}, ndf={ndf}",
+                    mistake=mistake)
+        lrelus = [m for m in leaves if isinstance(m, nn.LeakyReLU)]
+        if len(lrelus) != 2:
+            ex.fail(f"found {len(lrelus)} nn.LeakyReLU layer(s), expected 2 (after the first and second conv; none "
+                    "after the last)")
+        for m in lrelus:
+            if abs(m.negative_slope - 0.2) > 1e-12:
+                ex.fail(f"a LeakyReLU has negative_slope {m.negative_slope}, expected 0.2",
+                        mistake="nn.LeakyReLU() defaults to 0.01; write nn.LeakyReLU(0.2)"
+                        if abs(m.negative_slope - 0.01) < 1e-12 else None)
+        norms = [i for i, m in enumerate(leaves) if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm,
+                                                                   nn.LayerNorm))]
+        pos = {id(c): leaves.index(c) for c in convs}
+        first, second, third = (pos[id(c)] for c in convs)
+        if any(first < i < second for i in norms):
+            ex.fail("there is a normalisation layer after the first conv",
+                    mistake="no norm on the first layer (pix2pix/taming): normalising the raw image features "
+                            "throws away their scale, e.g. the overall colour and contrast D should judge")
+        bns = [leaves[i] for i in norms if second < i < third]
+        if len(bns) != 1 or not isinstance(bns[0], nn.BatchNorm2d) or bns[0].num_features != 2 * ndf:
+            ex.fail(f"expected one nn.BatchNorm2d({2 * ndf}) after the second conv")
+        if any(i > third for i in norms):
+            ex.fail("there is a normalisation layer after the last conv: the logits must be the conv's raw output")
+
+        # behaviour: the grid of logits for several image sizes (fully convolutional)
+        net.train()
+        g = torch.Generator().manual_seed(33 + in_channels)
+        for h, w in [(32, 32), (64, 64), (32, 48)]:
+            x = torch.randn(2, in_channels, h, w, generator=g).requires_grad_()
+            out = ex.call(net, x)
+            want_shape = (2, 1, _out_side(h, _SPEC), _out_side(w, _SPEC))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) != want_shape:
+                mistake = _grid_mistake(out.shape[-2], h) if out.dim() == 4 else None
+                ex.fail(f"for {h}x{w} images the output has shape {_fmt_shape(out.shape)}, expected "
+                        f"{_fmt_shape(want_shape)}: one logit per patch", mistake=mistake)
+            out = ex.tensor(out, shape=want_shape, dtype=torch.float32, what=f"the output for {h}x{w} images")
+            if bool(((out > 0) & (out < 1)).all()):
+                ex.fail("all outputs lie in (0, 1)", mistake="a sigmoid at the end: output raw logits")
+            ex.gradients_flow(out, {"x": x}, what=f"the output for {h}x{w} images")
+        # behaviour: each logit sees only its patch (receptive field 22 px, stride 4)
+        net.eval()  # BatchNorm in train mode mixes the whole batch; eval mode is per position
+        x = torch.randn(1, in_channels, 32, 32, generator=g)
+        x2 = x.clone()
+        x2[..., 28:, 28:] += 3.0  # change only the bottom-right 4x4 corner
+        with torch.no_grad():
+            changed = (net(x2) - net(x)).abs()[0, 0] > 1e-6
+        if bool(changed[0, 0]):
+            ex.fail("changing the bottom-right corner of the image changed the top-left logit: each logit must "
+                    f"depend only on its {_receptive_field(_SPEC)}x{_receptive_field(_SPEC)} patch "
+                    "(convolutions only, no global pooling or attention)")
+        net.train()
+    ex.passed(f"layers, output grid 7x7 at 32 px and 15x15 at 64 px, receptive field {_receptive_field(_SPEC)} px, "
+              "gradients")
