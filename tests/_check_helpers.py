@@ -1,0 +1,20 @@
+"""Helpers shared by the tests of the exercise checks (tests/test_checks_lNN.py)."""
+
+import pytest
+
+from minigen.course.checks import CheckFailed
+
+
+def stub(*args, **kwargs):
+    """What an untouched exercise cell does."""
+    raise NotImplementedError("Exercise N.M: stub")
+
+
+def fails(check_fn, answer, *fragments):
+    """Run a check on a wrong answer: it must raise CheckFailed whose message holds every fragment."""
+    with pytest.raises(CheckFailed) as info:
+        check_fn(answer)
+    msg = str(info.value)
+    for f in fragments:
+        assert f in msg, f"expected {f!r} in the message:\n{msg}"
+    return msg
