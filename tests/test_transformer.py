@@ -9,14 +9,7 @@ from minigen.transformer import (
     GPT, GPTConfig, CausalSelfAttention, KVCache, PriorDataset, sample_logits, top_k_logits, top_p_logits,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these models are tiny: extra threads only add contention on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

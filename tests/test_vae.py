@@ -9,14 +9,7 @@ from torch.distributions import Normal, kl_divergence
 from minigen import vae
 from minigen.vae import VAE, VAEConfig, bernoulli_nll, gaussian_kl, gaussian_nll, reparameterize
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is faster, and immune to oversubscription on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**kw):
