@@ -150,7 +150,7 @@ def test_lr_schedule_applied_in_fit():
 def test_ema_class_against_hand_computation():
     torch.manual_seed(1)
     net = nn.Linear(5, 3)
-    ema = EMA(net, decay=0.9)
+    ema = EMA(net, decay=0.9, warmup=False)
     expected = {k: v.detach().double().clone() for k, v in net.named_parameters()}
     for _ in range(4):
         with torch.no_grad():
@@ -185,10 +185,30 @@ def test_ema_in_fit_against_hand_computation():
     snapshots = seen + [final]
     for k in final:
         want = snapshots[0][k]
-        for snap in snapshots[1:]:
-            want = 0.8 * want + 0.2 * snap[k]
+        for n, snap in enumerate(snapshots[1:], start=1):
+            d = min(0.8, (1 + n) / (10 + n))  # warm-up: 2/11, 3/12, ..., then 0.8
+            want = d * want + (1 - d) * snap[k]
         torch.testing.assert_close(res.ema.shadow[k].double(), want, rtol=0, atol=1e-6)
     assert not torch.equal(res.ema.shadow["encoder.0.weight"], res.model.encoder[0].weight)
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    # with a fixed 0.999 the average keeps 0.999**1500 = 22% of the initial weights; the
+    # warm-up (1 + n) / (10 + n) leaves a negligible share of them
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    plain, warm = EMA(net, 0.999, warmup=False), EMA(net, 0.999)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(1500):
+        plain.update(net)
+        warm.update(net)
+    assert plain.shadow["weight"].item() == pytest.approx(1 - 0.999**1500, rel=1e-3)
+    assert warm.shadow["weight"].item() > 0.999
+    assert warm.current_decay() == pytest.approx(1501 / 1510) and plain.current_decay() == 0.999
+    restored = EMA(net, 0.5, warmup=False)
+    restored.load_state_dict(warm.state_dict())
+    assert restored.warmup and restored.num_updates == 1500
 
 
 # ---------------------------------------------------------------------------- equivalences
