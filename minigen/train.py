@@ -52,8 +52,8 @@ On a GPU: ``precision="auto"`` trains under bf16 autocast where the GPU has nati
 ``non_blocking=True``; ``channels_last=True`` stores the model and the 4-D float inputs in NHWC,
 the layout tensor cores prefer (on a CPU it is slower for GroupNorm models, see docs/scale.md);
 ``compile=True`` wraps the loss computation (model forward + loss) in `torch.compile`. The first
-steps then compile (tens of seconds; one recompile when ``step`` first changes, after which
-dynamo treats it as a dynamic int). docs/scale.md has the commands and the measured effects.
+step then compiles (tens of seconds on a CPU); a loss that branches on ``step`` (VQGAN's
+``disc_start``) compiles again when the branch flips. docs/scale.md has the commands and the measured effects.
 
 Distributed data parallel
 -------------------------
