@@ -5,6 +5,9 @@
     minigen train vae --data digits --steps 2000 --out runs/vae
     minigen train ddpm --data path/to/my/images --size 32 --out runs/art
     minigen sample runs/vae/checkpoint.pt --n 64 --out samples.png
+    minigen train vqgan --data shapes --out runs/vqgan  # then latent diffusion on its latents:
+    minigen train ldm --data shapes --set autoencoder=runs/vqgan/checkpoint.pt --out runs/ldm
+    minigen sample runs/ldm --prompt "a small red circle on a blue background" --guidance 3 --n 16
     minigen tour                           # train every family briefly, write a report
     minigen lessons build                  # regenerate lessons/ from solutions/
     minigen grade submissions/*.ipynb --out grades.csv
@@ -89,7 +92,13 @@ def cmd_datasets(args) -> int:
 
 # ---------------------------------------------------------------------------- train
 
+# generic training defaults; a model module may override them with TRAIN_DEFAULTS (ldm does)
+_TRAIN_DEFAULTS = dict(steps=2000, batch_size=64, lr=2e-4, warmup=0, schedule="constant", ema=None)
+
+
 def cmd_train(args) -> int:
+    import inspect
+
     from minigen import data, train
 
     models = _available_models()
@@ -98,21 +107,31 @@ def cmd_train(args) -> int:
         raise UsageError(f"unknown model {args.model!r}; available: {known}")
     mod, _, _ = models[args.model]
     ds = data.load_dataset(args.data, split="train", size=args.size)
+    if args.n_train is not None:
+        ds = ds.head(args.n_train)
     overrides = _parse_overrides(args.set)
+    # a module whose build takes the dataset (ldm: vocabulary, latent scale) gets it
+    extra = {"dataset": ds} if "dataset" in inspect.signature(mod.build).parameters else {}
     try:
-        model = mod.build(overrides, tuple(ds.image_shape), len(ds.classes))
+        model = mod.build(overrides, tuple(ds.image_shape), len(ds.classes), **extra)
     except TypeError as e:
         raise UsageError(f"bad --set for {args.model}: {e}") from None
+    # a model that trains on something other than the images (ldm: cached latents + tokens)
+    train_data = model.training_data(ds) if hasattr(model, "training_data") else ds
+    defaults = {**_TRAIN_DEFAULTS, **getattr(mod, "TRAIN_DEFAULTS", {})}
+    opt = {k: (getattr(args, k) if getattr(args, k) is not None else defaults[k]) for k in defaults}
     cfg = train.TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, out_dir=args.out,
+        steps=opt["steps"], batch_size=opt["batch_size"], lr=opt["lr"], out_dir=args.out,
         device=args.device, seed=args.seed, sample_every=args.sample_every,
-        ckpt_every=args.ckpt_every, ema_decay=args.ema, warmup_steps=args.warmup,
-        lr_schedule=args.schedule, compile=args.compile,
+        ckpt_every=args.ckpt_every, ema_decay=opt["ema"], warmup_steps=opt["warmup"],
+        lr_schedule=opt["schedule"], compile=args.compile,
     )
-    nparams = sum(p.numel() for p in model.parameters())
-    print(f"training {args.model} ({nparams / 1e6:.2f}M parameters) on {args.data} "
-          f"({len(ds)} images {tuple(ds.image_shape)}) for {args.steps} steps -> {args.out}")
-    result = train.fit(model, ds, cfg)
+    nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    what = f"{nparams / 1e6:.2f}M trainable parameters" + (f", {frozen / 1e6:.2f}M frozen" if frozen else "")
+    print(f"training {args.model} ({what}) on {args.data} "
+          f"({len(ds)} images {tuple(ds.image_shape)}) for {cfg.steps} steps -> {args.out}")
+    result = train.fit(model, train_data, cfg)
     last = result.history[-1] if result.history else {}
     print(f"done at step {result.step}; last loss {last.get('loss', float('nan')):.4f}; "
           f"checkpoint in {Path(args.out) / 'checkpoint.pt'}")
@@ -151,9 +170,14 @@ def load_model(path, device="cpu"):
     if cfg_dict is None:
         raise UsageError(f"{path} has no model config; it was saved from a model without a dataclass `config`")
     model = cls(config=_find_config_class(mod, cls_name, cfg_dict)(**cfg_dict))
-    state = ckpt.get("ema") or ckpt["model"]
-    if isinstance(state, dict) and "shadow" in state:
-        state = state["shadow"]
+    state = dict(ckpt["model"])
+    ema = ckpt.get("ema")
+    if isinstance(ema, dict) and "shadow" in ema:
+        # the EMA holds the averaged parameters and the buffers; anything else (e.g. a
+        # buffer registered after the EMA was made) comes from the raw model state
+        state.update(ema["shadow"])
+        # (the EMA also copies non-persistent buffers, which no state_dict holds)
+        state.update({k: v for k, v in (ema.get("buffers") or {}).items() if k in state})
     model.load_state_dict(state)
     return model.to(device).eval(), ckpt
 
@@ -176,11 +200,16 @@ def cmd_sample(args) -> int:
     if not hasattr(model, "sample_images"):
         raise UsageError(f"{type(model).__name__} cannot sample (it is not a generative model); "
                          "train a vae, ddpm or ldm instead (a vqvae or vqgan samples through a transformer prior: see lesson 04 and `minigen tour`)")
-    with torch.no_grad():
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             x = model.sample_images(args.n, **kwargs)
         except TypeError as e:
             raise UsageError(f"{type(model).__name__} does not accept {sorted(kwargs)}: {e}") from None
+    for w in {str(w.message): w for w in caught}.values():  # e.g. unknown words in the prompt
+        print(f"minigen sample: warning: {w.message}", file=sys.stderr)
     out = Path(args.out)
     plot.save_grid(x, out, nrow=int(args.n ** 0.5 + 0.999), scale=2)
     print(f"{args.n} samples from {path} (step {ckpt.get('step')}) -> {out}")
@@ -227,11 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("model", help=f"one of: {', '.join(MODELS)}")
     t.add_argument("--data", default="shapes", help="shapes, digits, mnist, fashion-mnist, cifar10 or a folder")
     t.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps")
-    t.add_argument("--schedule", default="constant", choices=["constant", "cosine", "linear"])
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000, or the model module's TRAIN_DEFAULTS, e.g. minigen.ldm)")
+    t.add_argument("--batch-size", type=int, default=None, help="default 64")
+    t.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4 or the model's TRAIN_DEFAULTS)")
+    t.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps (default 0 or the model's TRAIN_DEFAULTS)")
+    t.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear"],
+                   help="learning-rate schedule (default constant or the model's TRAIN_DEFAULTS)")
+    t.add_argument("--n-train", type=int, default=None, metavar="N", help="train on the first N images only")
     t.add_argument("--ema", type=float, default=None, help="EMA decay of the weights, e.g. 0.999")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoint, log, samples); "
                    "an existing checkpoint there is resumed")

@@ -153,6 +153,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {msg}")
 
+        if isinstance(self.out_dir, os.PathLike):
+            # a Path would land in the checkpoint's train_config, which weights_only refuses
+            self.out_dir = os.fspath(self.out_dir)
+
         for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "log_every",
                      "sample_every", "ckpt_every", "num_workers", "seed"):
             v = getattr(self, name)

@@ -534,3 +534,10 @@ def test_bf16_autocast_on_cpu_trains():
     res = fit(make_model(), structured_images(32), steps=3, batch_size=8, precision="bf16", **QUIET)
     assert all(p.dtype == torch.float32 for p in res.model.parameters())  # weights stay fp32
     assert all(math.isfinite(h["loss"]) for h in res.history)
+
+
+def test_out_dir_may_be_a_path(tmp_path):
+    # a pathlib.Path out_dir must not end up in the checkpoint (weights_only would refuse it)
+    res = fit(make_model(), structured_images(16), steps=2, batch_size=8, out_dir=tmp_path / "run", **QUIET)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["train_config"]["out_dir"] == str(tmp_path / "run") and res.step == 2

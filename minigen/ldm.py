@@ -1,0 +1,629 @@
+"""Latent diffusion with text prompts (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models"): a miniature Stable Diffusion.
+
+Diffusion in pixel space spends most of its capacity on imperceptible detail. Latent
+diffusion splits the work in two stages:
+
+1. an autoencoder (here a VQGAN from lesson 03, trained once and then frozen) compresses an
+   image x (3x32x32) into a small latent z = E(x) (e.g. 4x8x8, 12x fewer numbers), and its
+   decoder D turns latents back into sharp images;
+2. a denoising U-Net learns the distribution of the latents, exactly as DDPM learns images,
+   conditioned on a text prompt through cross-attention:
+
+       z0 = scale_factor * E(x)                  scale the latents to unit variance
+       z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
+       loss = || eps - eps_theta(z_t, t, tau(prompt)) ||^2
+
+   where tau is a text encoder (minigen.text), trained jointly with the U-Net as in the LDM
+   paper's text-to-image model (Stable Diffusion instead freezes a pretrained CLIP).
+
+Sampling runs DDIM in latent space with classifier-free guidance and decodes once at the
+end: x = D(z0 / scale_factor).
+
+Conventions (see conventions.md, "Latent diffusion"):
+
+- scale_factor = 1 / std of the training latents, computed from the data (Stable
+  Diffusion's 0.18215 is that number for *its* autoencoder, not ours); multiply after
+  encoding, divide before decoding. It is stored in the config, hence in every checkpoint.
+- No clipping of x0_hat during sampling: latents are not in [-1, 1]. Images are clamped
+  to [-1, 1] only after decoding.
+- Classifier-free guidance: eps = eps(null) + w (eps(prompt) - eps(null)), where the null
+  condition is the *encoded empty prompt* (all padding) as in Stable Diffusion; in training
+  the caption is replaced by the empty prompt with probability cond_drop_prob (0.1).
+- The autoencoder is frozen: requires_grad False, always in eval mode, in no optimizer; its
+  weights are part of this module's state_dict, so a checkpoint is self-contained.
+
+    model = LatentDiffusion(vqgan, LatentDiffusionConfig(), Tokenizer.from_captions(ds.captions))
+    latents = model.encode_dataset(ds, cache=True)      # fits scale_factor, encodes once
+    fit(model, latents, steps=..., lr=...)
+    images = model.sample(["a large red circle on a blue background"] * 8, guidance_scale=5)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minigen.diffusion import DiffusionConfig, GaussianDiffusion, guided_model_fn, sample_loop, training_losses
+from minigen.text import TextEncoder, TextEncoderConfig, Tokenizer
+from minigen.unet import UNetConfig
+
+# Defaults from the pilot runs of benchmarks/ldm_text_to_image.py (shapes, first 20k train
+# images, a 600-step VQGAN with a 4x8x8 latent, OMP_NUM_THREADS=1 on a loaded 2-core CPU),
+# caption accuracy (shape AND colour judged) on 180 test captions, DDIM 25 steps:
+#   channels 64, 600 steps (17 min):  w=1 0.28, w=3 0.28, w=5 0.26
+#   channels 32, 1500 steps (18 min): w=1 0.23, w=3 0.36, w=5 0.45   <- these defaults
+# Far from the 90% we want: the text conditioning is learned last and slowly; more steps
+# and a larger guidance scale are what helped so far.
+DEFAULT_TEXT = dict(n_embd=64, n_layer=2, n_head=4, dropout=0.0)
+DEFAULT_UNET = dict(channels=32, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(1, 2),
+                    transformer_heads=4, transformer_dim_head=16, transformer_depth=1, dropout=0.0)
+DEFAULT_DIFFUSION = dict(timesteps=1000, beta_schedule="scaled_linear", prediction_type="epsilon",
+                         cond_drop_prob=0.1, sampler="ddim", sample_steps=25, eta=0.0, spacing="trailing",
+                         guidance_scale=5.0)
+# what `minigen train ldm` uses unless told otherwise (fit's TrainConfig fields)
+TRAIN_DEFAULTS = dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, schedule="cosine")
+
+_TEXT_FIELDS = {f.name for f in fields(TextEncoderConfig)} - {"vocab_size", "max_length"}
+_UNET_FIELDS = {f.name for f in fields(UNetConfig)}
+_DIFFUSION_FIELDS = {f.name for f in fields(DiffusionConfig)} - {"unet", "image_shape"}
+_LATENTS_FORMAT = "minigen-latents-v1"
+
+
+@dataclass
+class LatentDiffusionConfig:
+    image_shape: tuple = (3, 32, 32)
+    autoencoder_class: str = "minigen.vqgan.VQGAN"  # qualified name; rebuilt from autoencoder_config
+    autoencoder_config: dict | None = None
+    latent_shape: tuple | None = None  # (C, h, w) of the latents, filled in from the autoencoder
+    scale_factor: float | None = None  # 1/std of the training latents (fit_scale_factor / encode_dataset)
+    vocab: list | None = None  # the tokenizer's vocabulary (with "<pad>", "<unk>" first)
+    max_length: int = 12  # tokens per prompt
+    text: dict = field(default_factory=dict)  # TextEncoderConfig fields (n_embd, n_layer, n_head, dropout)
+    # DiffusionConfig fields, with "unet": a dict of UNetConfig fields. The U-Net's in_channels
+    # and context_dim are filled in (latent channels, text n_embd); clip_denoised is False.
+    diffusion: dict = field(default_factory=dict)
+    prompts: list | None = None  # example prompts: what sample_images(n) draws without a prompt
+
+    def __post_init__(self):
+        self.image_shape = tuple(self.image_shape)
+        if self.latent_shape is not None:
+            self.latent_shape = tuple(self.latent_shape)
+        if len(self.image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        if self.scale_factor is not None:
+            self.scale_factor = float(self.scale_factor)
+            if not self.scale_factor > 0:
+                raise ValueError(f"scale_factor must be > 0, got {self.scale_factor}")
+        text = dict(self.text or {})
+        unknown = set(text) - _TEXT_FIELDS
+        if unknown:
+            raise ValueError(f"unknown text encoder option(s) {sorted(unknown)}; valid: {sorted(_TEXT_FIELDS)}")
+        self.text = {**DEFAULT_TEXT, **text}
+        diff = self.diffusion
+        if isinstance(diff, DiffusionConfig):
+            diff = dataclasses.asdict(diff)
+        diff = dict(diff or {})
+        diff.pop("image_shape", None)  # that is latent_shape
+        unet = diff.pop("unet", None) or {}
+        if isinstance(unet, UNetConfig):
+            unet = dataclasses.asdict(unet)
+        unknown = set(diff) - _DIFFUSION_FIELDS
+        if unknown:
+            raise ValueError(f"unknown diffusion option(s) {sorted(unknown)}; valid: {sorted(_DIFFUSION_FIELDS)}")
+        unknown = set(unet) - _UNET_FIELDS
+        if unknown:
+            raise ValueError(f"unknown U-Net option(s) {sorted(unknown)}; valid: {sorted(_UNET_FIELDS)}")
+        if diff.get("clip_denoised"):
+            raise ValueError("clip_denoised must be False for latent diffusion: latents are not in [-1, 1] "
+                             "(the decoded images are clamped instead)")
+        if unet.get("num_classes"):
+            raise ValueError("latent diffusion is conditioned on text, not class labels: leave unet num_classes unset")
+        diff["clip_denoised"] = False
+        diff = {**DEFAULT_DIFFUSION, **diff}
+        diff["unet"] = {**DEFAULT_UNET, **unet}
+        self.diffusion = diff
+        if self.prompts is not None:
+            self.prompts = [str(p) for p in self.prompts]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _import(qualname: str):
+    module_name, _, name = qualname.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"cannot import the autoencoder class {qualname!r}") from None
+
+
+def _config_class(cls):
+    """The dataclass `cls` is built from: `<Class>Config` in its module (VQGAN -> VQGANConfig)."""
+    cfg = getattr(importlib.import_module(cls.__module__), cls.__name__ + "Config", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        raise ValueError(f"cannot rebuild {cls.__qualname__}: no dataclass {cls.__name__}Config in {cls.__module__}")
+    return cfg
+
+
+def _is_vq(ae) -> bool:
+    """A VQ-VAE / VQGAN: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder."""
+    return all(isinstance(getattr(ae, a, None), nn.Module)
+               for a in ("encoder", "quant_conv", "quantize", "post_quant_conv", "decoder"))
+
+
+def _frozen_copy(ae: nn.Module) -> nn.Module:
+    """A frozen, eval-mode copy of `ae` without the parts only its training needs.
+
+    A copy, so that the caller's model (which a lesson may go on training) keeps its
+    discriminator and its requires_grad flags. The VQGAN's discriminator and perceptual
+    network are dropped: they never run here and would only bloat every checkpoint.
+    """
+    ae = copy.deepcopy(ae)
+    for name in ("discriminator", "perceptual"):
+        if isinstance(getattr(ae, name, None), nn.Module):
+            setattr(ae, name, None)
+    ae.requires_grad_(False)
+    return ae.eval()
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over a module's state_dict (names, dtypes, shapes, values), as hex."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_autoencoder(path) -> nn.Module:
+    """The autoencoder in a minigen checkpoint (EMA weights when there are any), in eval mode."""
+    from minigen import train
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / train.CHECKPOINT_NAME
+    ckpt = train.load_checkpoint(path)
+    cls = _import(ckpt.get("model_class") or "?")
+    if cls is LatentDiffusion:
+        raise ValueError(f"{path} is a latent diffusion checkpoint, not an autoencoder: give the checkpoint "
+                         f"of a vqgan (or autoencoder) run")
+    if not (hasattr(cls, "encode") and hasattr(cls, "decode")):
+        raise ValueError(f"{path} holds a {cls.__qualname__}, which has no encode/decode: latent diffusion "
+                         f"needs an autoencoder (train one with `minigen train vqgan`)")
+    if ckpt.get("model_config") is None:
+        raise ValueError(f"{path} has no model config, so its {cls.__qualname__} cannot be rebuilt")
+    model = cls(config=_config_class(cls)(**ckpt["model_config"]))
+    state = dict(ckpt["model"])
+    if ckpt.get("ema"):  # the averaged weights, the model's buffers
+        state.update(ckpt["ema"]["shadow"])
+        state.update({k: v for k, v in (ckpt["ema"].get("buffers") or {}).items() if k in state})
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _shapes_label(caption: str) -> int:
+    """shape * 6 + colour of a shapes caption ("a small red circle on a blue background")."""
+    from minigen.data import COLOR_NAMES, SHAPE_NAMES
+
+    words = Tokenizer.split(caption)
+    # the colour is the first colour word: the background ("on a blue background") comes after
+    shapes = [SHAPE_NAMES.index(w) for w in words if w in SHAPE_NAMES]
+    colors = [COLOR_NAMES.index(w) for w in words if w in COLOR_NAMES]
+    if not shapes or not colors:
+        raise ValueError(f"cannot read a shape and a colour from the caption {caption!r}: expected words such as "
+                         f"{SHAPE_NAMES} and {COLOR_NAMES}")
+    return shapes[0] * len(COLOR_NAMES) + colors[0]
+
+
+def caption_accuracy(judge, images: torch.Tensor, captions: list[str]) -> float:
+    """Fraction of images whose judged class (shape AND colour) matches their caption's.
+
+    judge: minigen.judge.load_judge("shapes"); images (N, 3, 32, 32) in [-1, 1]; one caption
+    per image. Size and background are not judged (the judge has no head for them).
+    """
+    from minigen.metrics import conditional_accuracy
+
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    if len(captions) != len(images):
+        raise ValueError(f"need one caption per image: {len(images)} images, {len(captions)} captions")
+    labels = torch.tensor([_shapes_label(c) for c in captions], dtype=torch.long)
+    return conditional_accuracy(judge, images, labels)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class LatentDiffusion(nn.Module):
+    """A frozen autoencoder + a text encoder + a GaussianDiffusion over the latents.
+
+    LatentDiffusion(autoencoder, config, tokenizer) wraps a trained autoencoder (copied and
+    frozen); LatentDiffusion(config=cfg) rebuilds everything from the config (what the CLI
+    and minigen.reference do with a checkpoint), the autoencoder from autoencoder_class and
+    autoencoder_config, the tokenizer from vocab.
+
+    Autoencoders: a VQ-VAE/VQGAN (anything with encoder, quant_conv, quantize,
+    post_quant_conv, decoder) or any module with encode(x) -> (N, C, h, w) latents (or a
+    tuple whose first element they are) and decode(z) -> images, e.g. minigen.autoencoder.
+    """
+
+    def __init__(self, autoencoder: nn.Module | None = None, config: LatentDiffusionConfig | None = None,
+                 tokenizer: Tokenizer | None = None):
+        super().__init__()
+        config = copy.deepcopy(config) if config is not None else LatentDiffusionConfig()
+        if isinstance(autoencoder, LatentDiffusionConfig):  # LatentDiffusion(cfg)
+            autoencoder, config = None, copy.deepcopy(autoencoder)
+
+        # --- the autoencoder
+        if autoencoder is None:
+            if config.autoencoder_config is None:
+                raise ValueError("LatentDiffusion needs an autoencoder: pass a trained one (e.g. a VQGAN), or a "
+                                 "config with autoencoder_class and autoencoder_config to rebuild it from")
+            cls = _import(config.autoencoder_class)
+            autoencoder = cls(config=_config_class(cls)(**config.autoencoder_config))
+        else:
+            cls = type(autoencoder)
+            config.autoencoder_class = f"{cls.__module__}.{cls.__qualname__}"
+            ae_cfg = getattr(autoencoder, "config", None)
+            config.autoencoder_config = (dataclasses.asdict(ae_cfg) if dataclasses.is_dataclass(ae_cfg)
+                                         and not isinstance(ae_cfg, type) else None)
+            # the autoencoder knows its image size better than our default
+            if hasattr(ae_cfg, "in_channels") and hasattr(ae_cfg, "image_size"):
+                config.image_shape = (ae_cfg.in_channels, ae_cfg.image_size, ae_cfg.image_size)
+        if not (hasattr(autoencoder, "decode") and (_is_vq(autoencoder) or hasattr(autoencoder, "encode"))):
+            raise TypeError(f"{type(autoencoder).__name__} is not an autoencoder: it needs encode(x) and decode(z)")
+        self.autoencoder = _frozen_copy(autoencoder)
+        self._vq = _is_vq(self.autoencoder)
+        latent_shape = self._probe_latent_shape(config.image_shape)
+        if config.latent_shape is not None and config.latent_shape != latent_shape:
+            raise ValueError(f"config.latent_shape is {config.latent_shape} but the autoencoder makes "
+                             f"{latent_shape} latents")
+        config.latent_shape = latent_shape
+
+        # --- the tokenizer and the text encoder
+        if tokenizer is not None:
+            config.vocab, config.max_length = list(tokenizer.vocab), tokenizer.max_length
+        elif config.vocab is None:
+            raise ValueError("LatentDiffusion needs a tokenizer or config.vocab, e.g. "
+                             "Tokenizer.from_captions(dataset.captions)")
+        self.tokenizer = Tokenizer(config.vocab, config.max_length)
+        self.text_encoder = TextEncoder(TextEncoderConfig(self.tokenizer.vocab_size, config.max_length, **config.text))
+
+        # --- the diffusion model over latents: a U-Net with cross-attention to the text
+        diff = dict(config.diffusion)
+        unet = dict(diff.pop("unet"))
+        unet.update(in_channels=latent_shape[0], out_channels=None, num_classes=None,
+                    context_dim=config.text["n_embd"])
+        config.diffusion = {**diff, "unet": unet}
+        self.diffusion = GaussianDiffusion(None, DiffusionConfig(image_shape=latent_shape, **diff,
+                                                                 unet=UNetConfig(**unet)))
+        self.config = config
+
+    # -- plumbing
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.diffusion.model
+
+    @property
+    def scale_factor(self) -> float | None:
+        return self.config.scale_factor
+
+    @scale_factor.setter
+    def scale_factor(self, value: float) -> None:
+        value = float(value)
+        if not value > 0 or value != value or value == float("inf"):
+            raise ValueError(f"scale_factor must be a positive finite number, got {value}")
+        self.config.scale_factor = value
+
+    def train(self, mode: bool = True):
+        """Train/eval mode for the U-Net and text encoder; the frozen autoencoder stays in eval."""
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    @property
+    def _device(self) -> torch.device:
+        return self.diffusion.alphas_cumprod.device
+
+    def _probe_latent_shape(self, image_shape) -> tuple:
+        with torch.no_grad():
+            try:
+                z = self._encode_raw(torch.zeros(1, *image_shape))
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"the autoencoder cannot encode images of shape {tuple(image_shape)}: {e}") from None
+        if z.dim() != 4:
+            raise ValueError(f"the autoencoder's latents have shape {tuple(z.shape[1:])}; latent diffusion needs "
+                             f"spatial latents (C, h, w) for its U-Net: use a VQGAN, a VQ-VAE or the conv AutoEncoder")
+        return tuple(z.shape[1:])
+
+    def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> unscaled latents.
+
+        For a VQ autoencoder we diffuse the latents *before* quantisation, quant_conv(E(x)),
+        and let the decoder quantise (decode = D(quantize(z))): the LDM paper's VQ-regularised
+        variant, which "absorbs the quantisation layer into the decoder". The continuous
+        latents keep everything the encoder saw, and the quantiser snaps a slightly-off sample
+        back onto the codebook, a last denoising step for free. Diffusing z_q instead gives
+        the U-Net a target that jumps between codebook vectors.
+        """
+        ae = self.autoencoder
+        if self._vq:
+            return ae.quant_conv(ae.encoder(x))
+        z = ae.encode(x)
+        return z[0] if isinstance(z, (tuple, list)) else z
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        ae = self.autoencoder
+        if self._vq:
+            z_q = ae.quantize(z)[0]  # eval mode: nearest codes, no codebook update
+            return ae.decode(z_q)
+        return ae.decode(z)
+
+    def _need_scale(self) -> float:
+        if self.scale_factor is None:
+            raise ValueError("scale_factor is not set: call fit_scale_factor(images) or encode_dataset(dataset) "
+                             "first (it is 1/std of the training latents)")
+        return self.scale_factor
+
+    # -- the autoencoder, scaled
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (N, C, H, W) -> latents * scale_factor (N, *latent_shape)."""
+        from minigen.data import check_images
+
+        check_images(x, channels=self.config.image_shape[0], size=self.config.image_shape[1:], name="images to encode")
+        return self._encode_raw(x.to(self._device)) * self._need_scale()
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (N, *latent_shape) -> latents / scale_factor -> images, clamped to [-1, 1]."""
+        if tuple(z.shape[1:]) != self.config.latent_shape:
+            raise ValueError(f"latents must have shape (N, {', '.join(map(str, self.config.latent_shape))}), "
+                             f"got {tuple(z.shape)}")
+        return self._decode_raw(z.to(self._device) / self._need_scale()).clamp(-1, 1)
+
+    @torch.no_grad()
+    def _encode_batches(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        was = self.training
+        self.eval()
+        try:
+            return torch.cat([self._encode_raw(x[i:i + batch_size].to(self._device)).float().cpu()
+                              for i in range(0, len(x), batch_size)])
+        finally:
+            self.train(was)
+
+    @staticmethod
+    def _scale_from(raw: torch.Tensor) -> float:
+        std = float(raw.double().std())
+        if not std > 0:
+            raise ValueError("the latents have zero variance: is the autoencoder trained?")
+        return 1.0 / std
+
+    def fit_scale_factor(self, x: torch.Tensor, batch_size: int = 256) -> float:
+        """Set scale_factor = 1 / std of the unscaled latents of the images x (all elements
+        pooled, as Stable Diffusion's 0.18215 was computed) and return it."""
+        from minigen.data import check_images
+
+        check_images(x, channels=self.config.image_shape[0], size=self.config.image_shape[1:], name="images")
+        self.scale_factor = self._scale_from(self._encode_batches(x, batch_size))
+        return self.scale_factor
+
+    # -- data
+
+    def _latents_key(self, ds, n: int) -> str:
+        h = hashlib.sha256()
+        h.update(f"{self.config.autoencoder_class};{weights_hash(self.autoencoder)};".encode())
+        h.update(f"{getattr(ds, 'name', type(ds).__name__)};{n};".encode())
+        images = getattr(ds, "images", None)
+        if isinstance(images, torch.Tensor):  # the stored uint8 images: cheap to hash, catches edits
+            h.update(images[:n].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def encode_dataset(self, ds, *, n: int | None = None, batch_size: int = 256, cache=None):
+        """(latents (N, *latent_shape) * scale_factor, tokens (N, max_length)) of a captioned
+        dataset as a TensorDataset, ready for minigen.train.fit.
+
+        The images are encoded once, in batches, without gradients. scale_factor is fitted
+        on these latents if it is not set yet. cache: None (no cache), True (the minigen
+        cache folder), a folder, or a .pt file. The unscaled latents are stored there
+        atomically, keyed by the autoencoder's weights hash and the dataset (name, size and
+        image bytes), so a second call with the same autoencoder and data only reads them.
+        """
+        captions = getattr(ds, "captions", None)
+        if captions is None:
+            raise ValueError(f"dataset {getattr(ds, 'name', '?')!r} has no captions: latent diffusion with text "
+                             f"prompts needs captioned images (use load_dataset('shapes'))")
+        n = len(ds) if n is None else int(n)
+        if not 1 <= n <= len(ds):
+            raise ValueError(f"n must be in [1, {len(ds)}], got {n}")
+        path = key = None
+        if cache is not None and cache is not False:
+            key = self._latents_key(ds, n)
+            if cache is True:
+                from minigen.data import cache_dir
+
+                cache = cache_dir() / "latents"
+            cache = Path(cache)
+            path = cache if cache.suffix == ".pt" else cache / f"{getattr(ds, 'name', 'data')}-n{n}-{key[:16]}.pt"
+        raw = None
+        if path is not None and path.exists():
+            try:
+                payload = torch.load(path, map_location="cpu", weights_only=True)
+                if payload.get("format") == _LATENTS_FORMAT and payload.get("key") == key:
+                    raw = payload["latents"]
+                else:
+                    warnings.warn(f"{path} holds latents of another autoencoder or dataset: re-encoding")
+            except Exception as e:  # a truncated or foreign file: recompute and overwrite it
+                warnings.warn(f"could not read cached latents {path} ({e}): re-encoding")
+        if raw is None:
+            x, _ = ds.tensors(n)
+            raw = self._encode_batches(x, batch_size)
+            if path is not None:
+                from minigen.train import save_checkpoint  # atomic: tmp file + os.replace
+
+                save_checkpoint(path, {"format": _LATENTS_FORMAT, "key": key, "latents": raw})
+        if self.scale_factor is None:
+            self.scale_factor = self._scale_from(raw)
+        tokens = self.tokenizer.encode(list(captions[:n]))
+        return torch.utils.data.TensorDataset(raw * self.scale_factor, tokens)
+
+    def training_data(self, ds, cache=True):
+        """What `minigen train ldm` fits on: encode_dataset(ds, cache=cache)."""
+        return self.encode_dataset(ds, cache=cache)
+
+    # -- training
+
+    def encode_prompts(self, prompts) -> torch.Tensor:
+        """Prompts -> the U-Net's context (N, max_length, n_embd). "" is the null condition."""
+        return self.text_encoder(self.tokenizer.encode(prompts).to(self._device))
+
+    def training_loss(self, batch, step=None):
+        """The DDPM loss on (latents, tokens) from encode_dataset, with caption dropout."""
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError("LatentDiffusion.training_loss expects (latents, tokens) batches: train on "
+                             "model.encode_dataset(dataset), not on the images")
+        z, tokens = batch
+        if tuple(z.shape[1:]) != self.config.latent_shape:
+            raise ValueError(f"latents of shape {tuple(z.shape[1:])} given to a model of latent_shape "
+                             f"{self.config.latent_shape}: train on model.encode_dataset(dataset)")
+        p = self.config.diffusion["cond_drop_prob"]
+        if self.training and p > 0:
+            # caption dropout: the empty prompt (all padding) teaches the null condition
+            drop = torch.rand(tokens.shape[0], device=tokens.device) < p
+            tokens = tokens.masked_fill(drop[:, None], Tokenizer.pad_id)
+        context = self.text_encoder(tokens)
+        loss = training_losses(self.unet, z, self.diffusion.alphas_cumprod,
+                               prediction_type=self.diffusion.config.prediction_type,
+                               model_kwargs=dict(context=context), q_sample=self.diffusion.q_sample_fn)
+        return dict(loss=loss)
+
+    def configure_optimizers(self, config):
+        """AdamW over the U-Net and the text encoder (trained jointly); never the autoencoder."""
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+    # -- sampling
+
+    def guided_denoiser(self, prompts, guidance_scale: float | None = None):
+        """model_fn(z_t, t) -> guided eps for the prompts: eps(null) + w (eps(prompt) - eps(null)),
+        the null condition being the encoded empty prompt. w = 1 is the plain conditional model."""
+        w = self.config.diffusion["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+        context = self.encode_prompts(prompts)
+        null = self.encode_prompts([""])
+        return guided_model_fn(self.unet, context=context, guidance_scale=w, null_context=null,
+                               guidance=self.diffusion.guidance_fn)
+
+    @torch.no_grad()
+    def sample(self, prompts, *, guidance_scale: float | None = None, steps: int | None = None, eta: float = 0.0,
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+               return_latents: bool = False, sampler: str | None = None, progress: bool = False):
+        """One image per prompt, (N, *image_shape) in [-1, 1]; with return_latents also the
+        final latents (scaled). DDIM with config.diffusion["sample_steps"] steps unless told
+        otherwise; guidance_scale defaults to config.diffusion["guidance_scale"]."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("sample needs at least one prompt")
+        c = self.diffusion.config
+        sampler = sampler or c.sampler
+        if x_T is None:
+            x_T = torch.randn((len(prompts), *self.config.latent_shape), generator=generator,
+                              device=self._device if generator is None else generator.device)
+        if tuple(x_T.shape) != (len(prompts), *self.config.latent_shape):
+            raise ValueError(f"x_T must have shape {(len(prompts), *self.config.latent_shape)}, got {tuple(x_T.shape)}")
+        was = self.training
+        self.eval()
+        try:
+            model_fn = self.guided_denoiser(prompts, guidance_scale)
+            z = sample_loop(model_fn, x_T.to(self._device), self.diffusion.alphas_cumprod, sampler=sampler,
+                            steps=(steps or c.sample_steps) if sampler == "ddim" else steps, eta=eta,
+                            spacing=c.spacing, generator=generator, progress=progress,
+                            p_sample=self.diffusion.p_sample_fn, ddim_step=self.diffusion.ddim_step_fn,
+                            prediction_type=c.prediction_type, clip_denoised=False,
+                            variance_type=c.variance_type)
+            x = self.decode(z)
+        finally:
+            self.train(was)
+        return (x, z) if return_latents else x
+
+    @torch.no_grad()
+    def sample_images(self, n: int, prompt: str | None = None, guidance: float | None = None,
+                      steps: int | None = None) -> torch.Tensor:
+        """n images for `prompt` (the CLI's --prompt), or cycling through config.prompts
+        (fit's periodic grids); the empty prompt (unconditional) if there are none."""
+        if prompt is not None:
+            prompts = [prompt] * n
+        else:
+            pool = self.config.prompts or [""]
+            prompts = [pool[i % len(pool)] for i in range(n)]
+        return self.sample(prompts, guidance_scale=guidance, steps=steps)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def build(overrides, image_shape, num_classes=None, *, dataset=None) -> LatentDiffusion:
+    """`minigen train ldm --data shapes --set autoencoder=runs/vqgan/checkpoint.pt [--set key=value ...]`.
+
+    overrides: "autoencoder" (a checkpoint path, or an autoencoder module) is required;
+    the other keys are LatentDiffusionConfig fields (max_length, scale_factor, vocab,
+    prompts), text encoder fields prefixed "text_" (text_n_embd, text_n_layer, text_n_head,
+    text_dropout), DiffusionConfig fields (beta_schedule, guidance_scale, cond_drop_prob,
+    sample_steps, ...) and UNetConfig fields (channels, channel_mult, ...). `dataset` (with
+    captions) gives the vocabulary, example prompts and the scale factor (its latents are
+    encoded once and cached). num_classes is ignored: the condition is the caption.
+    """
+    overrides = dict(overrides or {})
+    ae = overrides.pop("autoencoder", None)
+    if ae is None:
+        raise ValueError("latent diffusion needs a trained autoencoder: first `minigen train vqgan --data shapes "
+                         "--out runs/vqgan`, then `minigen train ldm --data shapes --set "
+                         "autoencoder=runs/vqgan/checkpoint.pt`")
+    if dataset is not None and getattr(dataset, "captions", None) is None:
+        raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has no captions: text-to-image latent "
+                         f"diffusion needs captioned images (--data shapes)")
+    if not isinstance(ae, nn.Module):
+        ae = load_autoencoder(ae)
+    top = {"max_length", "scale_factor", "vocab", "prompts"}
+    cfg = {k: overrides.pop(k) for k in list(overrides) if k in top}
+    text = {k[5:]: overrides.pop(k) for k in list(overrides) if k.startswith("text_") and k[5:] in _TEXT_FIELDS}
+    unet = {k: overrides.pop(k) for k in list(overrides) if k in _UNET_FIELDS and k not in _DIFFUSION_FIELDS}
+    diff = {k: overrides.pop(k) for k in list(overrides) if k in _DIFFUSION_FIELDS}
+    if overrides:
+        valid = sorted(top | {"autoencoder"} | {"text_" + f for f in _TEXT_FIELDS} | _UNET_FIELDS | _DIFFUSION_FIELDS)
+        raise TypeError(f"unknown latent diffusion option(s) {sorted(overrides)}; valid: {valid}")
+    tokenizer = None
+    if cfg.get("vocab") is None:
+        if dataset is None:
+            raise ValueError("build needs the captioned dataset (dataset=...) or a vocab override")
+        tokenizer = Tokenizer.from_captions(dataset.captions, cfg.pop("max_length", None))
+    if dataset is not None and cfg.get("prompts") is None:
+        seen = []  # the first distinct captions: the prompts of fit's sample grids
+        for c in dataset.captions:
+            if c not in seen:
+                seen.append(c)
+            if len(seen) == 16:
+                break
+        cfg["prompts"] = seen
+    config = LatentDiffusionConfig(image_shape=tuple(image_shape), text=text, diffusion={**diff, "unet": unet}, **cfg)
+    model = LatentDiffusion(ae, config, tokenizer)
+    if tuple(model.config.image_shape) != tuple(image_shape):
+        raise ValueError(f"the autoencoder takes {model.config.image_shape} images but the dataset has "
+                         f"{tuple(image_shape)}")
+    if dataset is not None and model.scale_factor is None:
+        model.encode_dataset(dataset, cache=True)  # fits scale_factor; the CLI's training_data reads the cache
+    return model
+
+
+__all__ = ["LatentDiffusionConfig", "LatentDiffusion", "caption_accuracy", "build", "load_autoencoder",
+           "weights_hash", "DEFAULT_TEXT", "DEFAULT_UNET", "DEFAULT_DIFFUSION", "TRAIN_DEFAULTS"]
