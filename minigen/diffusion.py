@@ -150,9 +150,14 @@ def pred_x0_and_eps(model_output, x_t, t, alphas_cumprod, prediction_type="epsil
     """Turn the network's output into (x0_hat, eps_hat).
 
     clip_denoised clamps x0_hat to [-1, 1], the range of pixel-space images (diffusers'
-    clip_sample=True); eps_hat is then recomputed from the clipped x0_hat so that both stay
-    consistent with x_t. Latent models must pass clip_denoised=False: latents are not in
-    [-1, 1].
+    clip_sample=True). eps_hat is always the network's own noise estimate, taken before
+    clipping (for "v" and "x0" it is derived from the unclipped x0_hat), as diffusers does
+    by default (use_clipped_model_output=False). Re-deriving eps from the clipped x0_hat
+    (GLIDE / guided-diffusion) pushes the clipped-off part of x0_hat back into x_t as
+    "noise" at every DDIM step; with a small U-Net on `shapes` that kept ~8% of pixels
+    clipped down to the last step and left strong high-frequency noise in the samples
+    (benchmarks/ddpm_vs_diffusers.py). Latent models must pass clip_denoised=False:
+    latents are not in [-1, 1].
     """
     if model_output.shape != x_t.shape:
         raise ValueError(
@@ -164,16 +169,14 @@ def pred_x0_and_eps(model_output, x_t, t, alphas_cumprod, prediction_type="epsil
         eps = model_output
     elif prediction_type == "v":
         x0 = predict_x0_from_v(x_t, t, model_output, alphas_cumprod)
-        eps = None
+        eps = predict_eps_from_x0(x_t, t, x0, alphas_cumprod)
     elif prediction_type == "x0":
-        x0, eps = model_output, None
+        x0 = model_output
+        eps = predict_eps_from_x0(x_t, t, x0, alphas_cumprod)
     else:
         raise ValueError(f"unknown prediction_type {prediction_type!r}: use one of {PREDICTION_TYPES}")
     if clip_denoised:
-        x0 = x0.clamp(-1, 1)
-        eps = None
-    if eps is None:
-        eps = predict_eps_from_x0(x_t, t, x0, alphas_cumprod)
+        x0 = x0.clamp(-1, 1)  # eps stays the unclipped estimate (see the docstring)
     return x0, eps
 
 
@@ -310,7 +313,9 @@ def ddim_step(x_t, t, t_prev, model_output, alphas_cumprod, *, eta=0.0, noise=No
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z
     eta = 0 is deterministic; eta = 1 is DDPM's ancestral step (fixed_small) on the
     respaced schedule. The last step uses abar_prev = 1 (diffusers' set_alpha_to_one), so
-    it returns x0_hat with no noise left in it.
+    it returns x0_hat with no noise left in it. With clip_denoised only x0_hat is clipped;
+    eps_hat is the network's unclipped estimate (see pred_x0_and_eps for why), so with
+    clipping active eta = 1 differs from p_sample, whose posterior mean uses only x0_hat.
     """
     n, T = x_t.shape[0], len(alphas_cumprod)
     t = _check_t(t, n, T)

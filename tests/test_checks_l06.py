@@ -13,7 +13,7 @@ from _check_helpers import stub, fails
 
 # ---------------------------------------------------------------------------- 6.1
 def make_ddim(*, abar_prev_last=None, sigma_fn=None, dir_fn=None, x0_fn=None, prev_fn=None,
-              clip="recompute", add_noise=True, draw_noise=True):
+              clip="keep_eps", add_noise=True, draw_noise=True):
     """A learner-style ddim_step; the keyword arguments inject one typical mistake."""
 
     def ddim_step(x_t, t, t_prev, eps, alphas_cumprod, *, eta=0.0, noise=None, clip_denoised=True,
@@ -90,7 +90,7 @@ def test_ddim_step_stub():
     (make_ddim(add_noise=False), "no noise term"),
     (make_ddim(draw_noise=False), "draw z ~ N(0, I) yourself"),
     (make_ddim(clip=None), "clamp x0_hat to [-1, 1]"),
-    (make_ddim(clip="keep_eps"), "recompute eps"),
+    (make_ddim(clip="recompute"), "keep the network's eps"),
 ])
 def test_ddim_step_mistakes(answer, fragment):
     fails(check.ddim_step, answer, "Exercise 6.1", fragment)

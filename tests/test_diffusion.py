@@ -198,6 +198,29 @@ def test_samplers_with_a_perfect_denoiser_return_the_data(prediction_type, ab):
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v", "x0"])
+def test_clipping_changes_x0_only_never_the_noise_estimate(prediction_type, ab):
+    # Regression: eps_hat used to be re-derived from the clipped x0_hat, which re-injected the
+    # clipped-off signal into x_t at every DDIM step and left high-frequency noise in samples.
+    # Now eps_hat is the network's unclipped estimate whatever the clipping.
+    n = 5
+    x_t, out = 1.5 * torch.randn(n, 3, 6, 6, dtype=torch.float64), torch.randn(n, 3, 6, 6, dtype=torch.float64)
+    t = torch.tensor([999, 700, 400, 120, 30])
+    ab64 = ab.double()
+    x0_raw, eps_raw = D.pred_x0_and_eps(out, x_t, t, ab64, prediction_type, clip_denoised=False)
+    x0, eps = D.pred_x0_and_eps(out, x_t, t, ab64, prediction_type, clip_denoised=True)
+    assert bool((x0_raw.abs() > 1).any())  # clipping is exercised
+    torch.testing.assert_close(x0, x0_raw.clamp(-1, 1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(eps, eps_raw, rtol=0, atol=1e-12)
+    a = ab64[t].view(-1, 1, 1, 1)  # eps consistent with x_t and the UNclipped x0
+    torch.testing.assert_close(eps, (x_t - a.sqrt() * x0_raw) / (1 - a).sqrt(), rtol=0, atol=1e-9)
+    # so a DDIM step with clipping differs from one without only through sqrt(abar_prev) x0
+    t_prev = 10
+    d = D.ddim_step(x_t, t, t_prev, out, ab64, prediction_type=prediction_type, clip_denoised=True) - \
+        D.ddim_step(x_t, t, t_prev, out, ab64, prediction_type=prediction_type, clip_denoised=False)
+    torch.testing.assert_close(d, ab64[t_prev].sqrt() * (x0 - x0_raw), rtol=0, atol=1e-9)
+
+
 def test_sampling_is_reproducible_and_ddim_eta0_deterministic():
     model = small_model(timesteps=20, sample_steps=5)
     with torch.no_grad():

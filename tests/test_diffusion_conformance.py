@@ -178,10 +178,16 @@ def test_ddim_step(eta, prediction_type, rng):
         xt, out, z = (fresh(3, 2, 4, 4, rng=rng) for _ in range(3))
         a, ap = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
         if prediction_type == "epsilon":
-            x0 = np.clip((xt - math.sqrt(1 - a) * out) / math.sqrt(a), -1, 1)
+            x0_raw = (xt - math.sqrt(1 - a) * out) / math.sqrt(a)
         else:
-            x0 = np.clip(math.sqrt(a) * xt - math.sqrt(1 - a) * out, -1, 1)
-        eps = (xt - math.sqrt(a) * x0) / math.sqrt(1 - a)  # re-derived from the clipped x0
+            x0_raw = math.sqrt(a) * xt - math.sqrt(1 - a) * out
+        # eps from the UNclipped prediction (diffusers' default use_clipped_model_output=False);
+        # only x0 is clipped. Re-deriving eps from the clipped x0 left sampling noise in the images.
+        eps = (xt - math.sqrt(a) * x0_raw) / math.sqrt(1 - a)
+        if prediction_type == "epsilon":
+            np.testing.assert_allclose(eps, out, rtol=0, atol=1e-9)
+        x0 = np.clip(x0_raw, -1, 1)
+        assert (x0 != x0_raw).any() or t < 100  # clipping is exercised at the noisy steps
         sigma = eta * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
         ref = math.sqrt(ap) * x0 + math.sqrt(1 - ap - sigma**2) * eps + sigma * z
         res = D.ddim_step(as_t(xt), t, t_prev, as_t(out), as_t(ab), eta=eta, noise=as_t(z),
@@ -192,11 +198,13 @@ def test_ddim_step(eta, prediction_type, rng):
 
 
 def test_ddim_eta1_is_ddpm_on_consecutive_steps(rng):
+    # exact without clipping; with clipping DDPM's posterior mean sees only the clipped x0
+    # while DDIM keeps the network's unclipped eps, so the two differ by design
     ab = ref_abar(ref_betas("linear", T))
     xt, out, z = (fresh(2, 1, 3, 3, rng=rng) for _ in range(3))
     for t in (1, 400, 999):
-        a = D.ddim_step(as_t(xt), t, t - 1, as_t(out), as_t(ab), eta=1.0, noise=as_t(z))
-        b = D.p_sample(as_t(xt), t, as_t(out), as_t(ab), noise=as_t(z))
+        a = D.ddim_step(as_t(xt), t, t - 1, as_t(out), as_t(ab), eta=1.0, noise=as_t(z), clip_denoised=False)
+        b = D.p_sample(as_t(xt), t, as_t(out), as_t(ab), noise=as_t(z), clip_denoised=False)
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=TOL)
 
 

@@ -6,8 +6,8 @@ answers that match a typical mistake get a "Likely mistake" line.
 
 Conventions checked (minigen, diffusers, improved-diffusion):
 
-    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)      clamped to [-1, 1] when clip_denoised,
-    eps    = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)   then recomputed from the clamped x0_hat
+    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)      clamped to [-1, 1] when clip_denoised;
+                                                              eps stays the network's (diffusers)
     sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
     x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z,  abar_{-1} = 1
     guided = eps_uncond + w (eps_cond - eps_uncond)
@@ -45,7 +45,7 @@ def _abar64(alphas_cumprod, t, n) -> torch.Tensor:
 
 
 def _ddim64(x_t, t, t_prev, eps, alphas_cumprod, *, eta=0.0, noise=None, clip_denoised=False,
-            recompute_eps=True, abar_prev=None, sigma=None, direction=None, x0_fn=None):
+            recompute_eps=False, abar_prev=None, sigma=None, direction=None, x0_fn=None):
     """The reference DDIM step in float64. The keyword "hooks" build the known wrong variants."""
     n = x_t.shape[0]
     x, e = x_t.double(), eps.double()
@@ -215,7 +215,7 @@ def ddim_step(fn) -> None:
         ex.close(out, _ddim64(x_t, t, -1, eps, ab), atol=1e-4, rtol=1e-4,
                  what=f"x_prev at the last step (t_prev = -1, eta = {eta})", mistakes=mistakes)
 
-    # (d) clip_denoised: clamp x0_hat to [-1, 1], then recompute eps from it
+    # (d) clip_denoised: clamp x0_hat to [-1, 1]; eps stays the network's estimate
     t = torch.tensor([300, 120, 450, 200, 80, 350])
     t_prev = 60
     x_t, eps, ab = _ddim_inputs(g, len(t), t, x0_range=1.5)
@@ -224,11 +224,11 @@ def ddim_step(fn) -> None:
     x0_unclipped = _ddim64(x_t, t, -1, eps, ab)
     ex.close(out, ref, atol=1e-4, rtol=1e-4, what="x_prev (eta = 0, t_prev = 60, clip_denoised=True)", mistakes=[
         (_ddim64(x_t, t, t_prev, eps, ab, clip_denoised=False),
-         "with clip_denoised=True clamp x0_hat to [-1, 1] (and then recompute eps from it)"),
-        (_ddim64(x_t, t, t_prev, eps, ab, clip_denoised=True, recompute_eps=False),
-         "after clamping x0_hat, recompute eps = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t) so "
-         "the two stay consistent with x_t (minigen and improved-diffusion do this; diffusers keeps "
-         "the raw eps)"),
+         "with clip_denoised=True clamp x0_hat to [-1, 1]"),
+        (_ddim64(x_t, t, t_prev, eps, ab, clip_denoised=True, recompute_eps=True),
+         "keep the network's eps after clamping x0_hat; recomputing eps from the clamped x0_hat "
+         "(GLIDE's variant) feeds the clipped-off part back into x_prev as noise at every step, "
+         "and the samples stay noisy (minigen and diffusers keep the raw eps)"),
         (_ddim64(x_t, t, t_prev, eps, ab).clamp(-1, 1),
          "clamp x0_hat, the predicted clean image, not x_prev (a noisy image may leave [-1, 1])"),
     ])
