@@ -1,0 +1,564 @@
+"""Small reference checkpoints of every model family, trained on `shapes`.
+
+A lesson that needs a trained model (lesson 07 needs a VQGAN, lesson 08 compares every
+family) should not have to train it first. This module trains one small model per family
+with fixed seeds and fixed budgets, measures it right after training, and ships the
+weights in `minigen/weights/reference/` with a `manifest.json` that records, per model, the
+file and its sha256, the exact command, the config, the training time and the metrics.
+
+    python -m minigen.reference --threads 1          # everything: ~25 CPU-minutes of training + measuring
+    python -m minigen.reference --only vqgan ddpm    # some families (their dependencies must exist)
+    python -m minigen.reference --quick              # a tiny smoke run into a temporary folder
+
+    from minigen import reference
+    vqgan = reference.load("vqgan")                  # eval mode, sha256 checked
+    reference.manifest()["models"]["ddpm"]["metrics"]
+
+Families and their dependencies (a prior is trained on the codes of its autoencoder; latent
+diffusion works in the latent space of the reference VQGAN):
+
+    vae                     Gaussian-likelihood VAE (lesson 01)
+    vqvae -> vqvae_prior    VQ-VAE (lesson 02) and a class-conditional GPT over its codes (04)
+    vqgan -> vqgan_prior    VQGAN (lesson 03) and its GPT prior
+    ddpm                    class-conditional pixel diffusion with guidance (05-06)
+    vqgan -> ldm            text-conditional latent diffusion (07)
+
+The files are ordinary minigen checkpoints (`minigen sample minigen/weights/reference/ddpm.pt`
+works) holding only the weights the model samples with: the EMA weights when training kept
+an EMA, else the model's; no optimizer state. Parameters are stored in float16 to keep the
+folder small (the whole folder must stay under 20 MB); loading casts them back to float32.
+Metrics are measured on the model *as loaded from its file*, i.e. after that rounding.
+
+Budgets are CPU budgets: the models are small and trained briefly, so they show each
+family's character, not its best. Compare their figures with each other, not with papers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "reference"
+MANIFEST = "manifest.json"
+FORMAT = "minigen-reference-v1"
+COMMAND = "python -m minigen.reference"
+NAMES = ("vae", "vqvae", "vqvae_prior", "vqgan", "vqgan_prior", "ddpm", "ldm")
+DEPENDS = {"vqvae_prior": "vqvae", "vqgan_prior": "vqgan", "ldm": "vqgan"}
+# The order `python -m minigen.reference` trains in: dependencies first, latent diffusion last.
+TRAIN_ORDER = ("vqgan", "ddpm", "vae", "vqvae", "vqvae_prior", "vqgan_prior", "ldm")
+MAX_TOTAL_BYTES = 20 * 1024 * 1024
+SEED = 0
+DATASET = "shapes"
+
+# Per-family budgets and settings. `quick` replaces the training steps and data sizes with
+# tiny ones for the smoke test; everything else is the same code path.
+SPECS = {
+    "vae": dict(
+        model=dict(latent_dim=32, hidden_channels=(32, 64, 128), likelihood="gaussian", learn_sigma=True),
+        train=dict(steps=1200, batch_size=64, lr=1e-3)),
+    "vqvae": dict(
+        model=dict(num_codes=128, code_dim=32, hidden_channels=64),
+        train=dict(steps=600, batch_size=64, lr=1e-3)),
+    "vqgan": dict(
+        model=dict(disc_start=400),
+        train=dict(steps=800, batch_size=32, lr=5e-4)),
+    "vqvae_prior": dict(
+        model=dict(n_layer=4, n_head=4, n_embd=128, cond_drop_prob=0.1),
+        train=dict(steps=600, batch_size=64, lr=1e-3, weight_decay=0.01),
+        sample=dict(temperature=1.0, top_k=32)),
+    "vqgan_prior": dict(
+        model=dict(n_layer=4, n_head=4, n_embd=128, cond_drop_prob=0.1),
+        train=dict(steps=600, batch_size=64, lr=1e-3, weight_decay=0.01),
+        sample=dict(temperature=1.0, top_k=32)),
+    "ddpm": dict(
+        # lesson 06's small U-Net: 16/32/64 channels, attention only in the middle block.
+        # v-prediction on the cosine schedule: at 600 steps it gave judge accuracy 0.90 and
+        # FD 9.8 where epsilon on linear betas gave 0.05 and 145 with deterministic DDIM
+        # (benchmarks/ddpm_vs_diffusers.py). guidance_scale=2 makes `minigen sample` guide.
+        model=dict(channels=16, channel_mult=(1, 2, 4), layers_per_block=1, attention_resolutions=(),
+                   prediction_type="v", beta_schedule="cosine", sampler="ddim", sample_steps=25,
+                   guidance_scale=2.0),
+        train=dict(steps=700, batch_size=64, lr=2e-3, warmup_steps=100, lr_schedule="cosine",
+                   ema_decay=0.995)),
+    "ldm": dict(
+        # lesson 07's denoiser: 32/64 channels at 8x8/4x4, a SpatialTransformer (self- and
+        # cross-attention to the text) at 8x8 and in the middle; the default 2-layer text encoder
+        model=dict(channels=32, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(1,)),
+        train=dict(steps=1500, batch_size=32, lr=2e-3, warmup_steps=100, lr_schedule="cosine",
+                   ema_decay=0.995),
+        sample=dict(steps=50, guidance_scale=3.0)),
+}
+N_TRAIN = 20000          # training images (the first ones of the train split)
+N_EVAL = 500             # test images / samples per metric
+QUICK = dict(steps=2, n_train=256, n_eval=18, sample_steps=3)
+
+
+class ReferenceError(FileNotFoundError, ValueError):
+    """A reference checkpoint that is missing or corrupt; the message says how to rebuild it.
+
+    A FileNotFoundError (the file is missing or unusable) and a ValueError (bad input), so
+    that either kind of handler, e.g. the CLI's, reports it without a traceback."""
+
+
+def _rebuild_hint(name: str) -> str:
+    deps = f" (it needs {DEPENDS[name]} first)" if name in DEPENDS else ""
+    return f"rebuild it with `{COMMAND} --only {name}`{deps}"
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def manifest(root=None) -> dict:
+    """The manifest of the reference checkpoints in `root` (default: the shipped ones)."""
+    root = Path(root) if root is not None else WEIGHTS_DIR
+    p = root / MANIFEST
+    if not p.is_file():
+        raise ReferenceError(f"{p} is missing: no reference checkpoints there; create them with `{COMMAND}`")
+    m = json.loads(p.read_text())
+    if m.get("format") != FORMAT:
+        raise ReferenceError(f"{p} is not a minigen reference manifest (format {m.get('format')!r}, "
+                             f"expected {FORMAT!r}); create it with `{COMMAND}`")
+    return m
+
+
+def _check_name(name: str) -> None:
+    if name not in NAMES:
+        raise ValueError(f"unknown reference model {name!r}; choose one of {', '.join(NAMES)}")
+
+
+def path(name: str, root=None) -> Path:
+    """The checkpoint file of reference model `name`; a clear error if it is missing."""
+    _check_name(name)
+    root = Path(root) if root is not None else WEIGHTS_DIR
+    entry = manifest(root)["models"].get(name)
+    if entry is None:
+        raise ReferenceError(f"the reference model {name!r} is not in {root / MANIFEST}; {_rebuild_hint(name)}")
+    p = root / entry["file"]
+    if not p.is_file():
+        raise ReferenceError(f"the reference checkpoint {p} is missing; {_rebuild_hint(name)}")
+    return p
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load(name: str, device="cpu", *, root=None):
+    """Reference model `name` in eval mode, its weights in float32, after checking its sha256.
+
+    `load("vqvae_prior")` / `load("vqgan_prior")` return the GPT prior; its codes decode
+    through `load("vqvae")` / `load("vqgan")`.
+    """
+    p = path(name, root)
+    entry = manifest(p.parent)["models"][name]
+    if _sha256(p) != entry["sha256"]:
+        raise ReferenceError(f"{p} does not match the sha256 in {p.parent / MANIFEST}: the file is corrupt, "
+                             f"truncated or from another run; {_rebuild_hint(name)}")
+    from minigen.cli import load_model
+
+    model, _ = load_model(p, device)
+    return model.float().eval()
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _save(model, name: str, out: Path, extra: dict) -> tuple[Path, int]:
+    """A minigen checkpoint with float16 parameters (buffers keep their dtype: codebook usage
+    counts and the like need float32's range), no optimizer state."""
+    from minigen.train import _class_name, save_checkpoint
+
+    params = {n for n, _ in model.named_parameters()}
+    state = {k: (v.detach().cpu().half() if k in params and v.is_floating_point() else v.detach().cpu())
+             for k, v in model.state_dict().items()}
+    p = out / f"{name}.pt"
+    save_checkpoint(p, {
+        "minigen_version": _versions()["minigen"],
+        "model_class": _class_name(model),
+        "model_config": dataclasses.asdict(model.config),
+        "model": state,
+        "ema": None,
+        "optimizers": {},
+        "step": extra["train_steps"],
+        "rng": None,
+        "train_config": extra["train_config"],
+        "reference": {"name": name, "parameter_dtype": "float16"},
+    })
+    return p, sum(v.numel() for k, v in model.state_dict().items() if k in params)
+
+
+def _versions() -> dict:
+    import minigen
+
+    return {"minigen": minigen.__version__, "torch": torch.__version__}
+
+
+def _write_manifest(out: Path, name: str, entry: dict) -> None:
+    p = out / MANIFEST
+    m = json.loads(p.read_text()) if p.is_file() else {}
+    if m.get("format") != FORMAT:
+        m = {"format": FORMAT, "dataset": DATASET, "command": COMMAND, "models": {}}
+    m["models"][name] = entry
+    m["models"] = {k: m["models"][k] for k in NAMES if k in m["models"]}
+    m["total_bytes"] = sum(e["bytes"] for e in m["models"].values())
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(m, indent=2) + "\n")
+    tmp.replace(p)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class _Run:
+    """Shared state of one `python -m minigen.reference` run: budgets, data, timing."""
+
+    def __init__(self, out: Path, quick: bool):
+        from minigen import data
+
+        self.out, self.quick = out, quick
+        self.n_train = QUICK["n_train"] if quick else N_TRAIN
+        self.n_eval = QUICK["n_eval"] if quick else N_EVAL
+        self.train_set = data.load_dataset(DATASET, split="train", n=self.n_train)
+        self.x_test, self.y_test = data.load_dataset(DATASET, split="test", n=self.n_eval).tensors()
+        self.num_classes = len(self.train_set.classes)
+
+    def train_kwargs(self, name: str) -> dict:
+        kw = dict(SPECS[name]["train"])
+        if self.quick:
+            kw.update(steps=QUICK["steps"], warmup_steps=0)
+        return kw
+
+    def fit(self, model, dataset, name: str):
+        """minigen.train.fit with the family's budget; returns (result, wall s, CPU s, config dict)."""
+        from minigen import train
+
+        cfg = train.TrainConfig(seed=SEED, device="cpu", progress=False, log_every=0, **self.train_kwargs(name))
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = train.fit(model, dataset, cfg)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if result.ema is not None:
+            result.ema.copy_to(model)  # ship the averaged weights
+        return result, wall, cpu, dataclasses.asdict(cfg)
+
+    def finish(self, name: str, model, fit_out, metrics_fn, extra=None) -> dict:
+        """Save, reload from the file (float16 round trip), measure, write the manifest entry."""
+        result, wall, cpu, tcfg = fit_out
+        info = dict(train_steps=result.step, train_config=tcfg)
+        p, n_params = _save(model.eval(), name, self.out, info)
+        reloaded = _load_unchecked(p)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            metrics = metrics_fn(reloaded)
+        last = result.history[-1] if result.history else {}
+        entry = {
+            "file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size, "params": n_params,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "command": f"{COMMAND} --only {name}" + (" --quick" if self.quick else ""),
+            "depends_on": DEPENDS.get(name),
+            "dataset": f"{DATASET} train split, first {self.n_train} images",
+            "config": _jsonable(dataclasses.asdict(model.config)),
+            "train": _jsonable({k: tcfg[k] for k in ("steps", "batch_size", "lr", "weight_decay", "warmup_steps",
+                                                    "lr_schedule", "grad_clip", "ema_decay", "seed")}),
+            "train_steps": result.step, "train_seconds": round(wall, 1), "train_cpu_seconds": round(cpu, 1),
+            "final_loss": round(float(last["loss"]), 5) if "loss" in last else None,
+            "metrics": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()},
+            "eval_seconds": round(time.perf_counter() - t0, 1),
+            "parameter_dtype": "float16",
+            "threads": torch.get_num_threads(),
+            **(extra or {}),
+            "torch_version": torch.__version__, "minigen_version": _versions()["minigen"],
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "quick": self.quick,
+        }
+        _write_manifest(self.out, name, entry)
+        print(f"[{name}] {n_params / 1e6:.2f}M params, {result.step} steps in {wall:.0f} s ({cpu:.0f} s CPU), "
+              f"{entry['bytes'] / 1e6:.2f} MB -> {p}", flush=True)
+        print(f"[{name}] metrics: {json.dumps(entry['metrics'])}", flush=True)
+        return entry
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _load_unchecked(p: Path):
+    from minigen.cli import load_model
+
+    return load_model(p, "cpu")[0].float().eval()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def reconstruction_metrics(model, x: torch.Tensor) -> dict:
+    """PSNR and SSIM of model.reconstruct(x) against x, and the FD-shapes of the
+    reconstructions against x itself (rFD: how far the decoded set is from the real one)."""
+    from minigen import judge, metrics
+
+    x_hat = torch.cat([model.reconstruct(xb) for xb in x.split(250)]).clamp(-1, 1)
+    return {"recon_psnr_db": float(metrics.psnr(x_hat, x).mean()),
+            "recon_ssim": float(metrics.ssim(x_hat, x).mean()),
+            "recon_fd_shapes": judge.fd_score(DATASET, x_hat, x)}
+
+
+def sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, x_real: torch.Tensor,
+                   seconds_per_image: float | None = None) -> dict:
+    """FD-shapes against the test images, improved precision/recall (k=3) in the judge's
+    feature space, the judge's accuracy on the requested classes (when labels are given),
+    and the real-vs-real FD at the same n (FD is biased upwards at small n)."""
+    from minigen import data, judge, metrics
+
+    n = len(images)
+    j = judge.load_judge(DATASET)
+    f_fake = judge.extract_features(j, images)
+    f_real = judge.extract_features(j, x_real[:n])
+    precision, recall = metrics.precision_recall(f_real, f_fake, k=3)
+    real_train, _ = data.load_dataset(DATASET, split="train", n=n).tensors()
+    out = {"n_samples": n,
+           "fd_shapes": metrics.frechet_distance(f_fake, f_real),
+           "fd_real_vs_real": judge.fd_score(DATASET, real_train, x_real[:n]),
+           "precision": precision, "recall": recall}
+    if labels is not None:
+        out["class_accuracy"] = metrics.conditional_accuracy(j, images, labels)
+    if seconds_per_image is not None:
+        out["sample_seconds_per_image"] = seconds_per_image
+    return out
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    x = fn()
+    return x.clamp(-1, 1).float().cpu(), time.perf_counter() - t0
+
+
+def _class_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n) % num_classes
+
+
+# ----------------------------------------------------------------------------- families
+
+
+def train_vae(run: _Run) -> dict:
+    from minigen import train, vae
+
+    train.set_seed(SEED)
+    model = vae.build(SPECS["vae"]["model"], run.train_set.image_shape)
+    fit_out = run.fit(model, run.train_set, "vae")
+
+    def measure(m):
+        g = torch.Generator().manual_seed(SEED)
+        z = torch.randn(run.n_eval, m.config.latent_dim, generator=g)
+        x, secs = _timed(lambda: m.sample(run.n_eval, z=z))
+        ev = m.evaluate(run.x_test)
+        return {**reconstruction_metrics(m, run.x_test), "test_elbo_nats": ev["elbo"],
+                "test_bits_per_dim": ev["bits_per_dim"],
+                **sample_metrics(x, None, run.x_test, secs / len(x))}
+
+    return run.finish("vae", model, fit_out, measure, {"sampler": "z ~ N(0, I), decoder mean"})
+
+
+def _train_vq(run: _Run, name: str, module) -> dict:
+    from minigen import metrics, train
+
+    train.set_seed(SEED)
+    model = module.build(SPECS[name]["model"], run.train_set.image_shape)
+    fit_out = run.fit(model, run.train_set, name)
+
+    def measure(m):
+        idx = torch.cat([m.encode(xb)[1] for xb in run.x_test.split(250)])
+        usage = metrics.codebook_usage(idx, m.config.num_codes)
+        return {**reconstruction_metrics(m, run.x_test), "codebook_perplexity": usage.perplexity,
+                "codes_used": usage.fraction_used}
+
+    return run.finish(name, model, fit_out, measure)
+
+
+def train_vqvae(run: _Run) -> dict:
+    from minigen import vq
+
+    return _train_vq(run, "vqvae", vq)
+
+
+def train_vqgan(run: _Run) -> dict:
+    from minigen import vqgan
+
+    return _train_vq(run, "vqgan", vqgan)
+
+
+def sample_prior(prior, autoencoder, labels: torch.Tensor, *, temperature=1.0, top_k=None,
+                 guidance_scale=None, generator=None, batch_size=250) -> torch.Tensor:
+    """Class-conditional images from a GPT prior over an autoencoder's code maps."""
+    s = autoencoder.config.latent_size
+    out = []
+    for yb in labels.split(batch_size):
+        codes = prior.generate(yb, temperature=temperature, top_k=top_k, guidance_scale=guidance_scale,
+                               generator=generator)
+        out.append(autoencoder.decode_indices(codes[:, -s * s:].reshape(len(yb), s, s)).clamp(-1, 1))
+    return torch.cat(out)
+
+
+def _train_prior(run: _Run, name: str) -> dict:
+    from minigen import train
+    from minigen.transformer import GPT, GPTConfig, PriorDataset
+
+    ae_name = DEPENDS[name]
+    ae = load(ae_name, root=run.out)
+    x, y = run.train_set.tensors()
+    with torch.no_grad():
+        codes = torch.cat([ae.encode(xb)[1] for xb in x.split(500)])
+    train.set_seed(SEED)
+    spec = SPECS[name]
+    model = GPT(GPTConfig(vocab_size=ae.config.num_codes, block_size=codes[0].numel(),
+                          num_classes=run.num_classes, **spec["model"]))
+    fit_out = run.fit(model, PriorDataset(codes, y), name)
+
+    def measure(m):
+        labels = _class_labels(run.n_eval, run.num_classes)
+        g = torch.Generator().manual_seed(SEED)
+        xs, secs = _timed(lambda: sample_prior(m, ae, labels, generator=g, **spec["sample"]))
+        return sample_metrics(xs, labels, run.x_test, secs / len(xs))
+
+    return run.finish(name, model, fit_out, measure,
+                      {"sampler": {**spec["sample"], "decoder": f"reference {ae_name}"}})
+
+
+def train_vqvae_prior(run: _Run) -> dict:
+    return _train_prior(run, "vqvae_prior")
+
+
+def train_vqgan_prior(run: _Run) -> dict:
+    return _train_prior(run, "vqgan_prior")
+
+
+def train_ddpm(run: _Run) -> dict:
+    from minigen import diffusion, train
+
+    train.set_seed(SEED)
+    overrides = dict(SPECS["ddpm"]["model"])
+    if run.quick:
+        overrides["sample_steps"] = QUICK["sample_steps"]
+    model = diffusion.build(overrides, run.train_set.image_shape, run.num_classes)
+    fit_out = run.fit(model, run.train_set, "ddpm")
+
+    def measure(m):
+        labels = _class_labels(run.n_eval, run.num_classes)
+        g = torch.Generator().manual_seed(SEED)
+        xs, secs = _timed(lambda: torch.cat([m.sample(len(yb), y=yb, generator=g) for yb in labels.split(250)]))
+        return sample_metrics(xs, labels, run.x_test, secs / len(xs))
+
+    c = SPECS["ddpm"]["model"]
+    return run.finish("ddpm", model, fit_out, measure,
+                      {"sampler": {"sampler": "ddim", "steps": c["sample_steps"], "eta": 0.0,
+                                   "guidance_scale": c["guidance_scale"]}})
+
+
+def train_ldm(run: _Run) -> dict:
+    try:
+        from minigen import ldm
+    except ImportError as e:
+        raise RuntimeError(f"minigen.ldm is not available in this minigen ({e}); the ldm reference "
+                           f"model needs it") from None
+    from minigen import train
+
+    vqgan = load("vqgan", root=run.out)  # sha256 checked: the latent space everything else builds on
+    train.set_seed(SEED)
+    # with the dataset, build() takes the vocabulary from its captions and fits scale_factor
+    # (1 / std of the training latents); the latents are cached, so encode_dataset reads them
+    model = ldm.build({**SPECS["ldm"]["model"], "autoencoder": vqgan}, run.train_set.image_shape,
+                      dataset=run.train_set)
+    latents = model.encode_dataset(run.train_set, cache=True)
+    fit_out = run.fit(model, latents, "ldm")
+    spec = SPECS["ldm"]["sample"]
+    steps = QUICK["sample_steps"] if run.quick else spec["steps"]
+
+    def measure(m):
+        from minigen import data, judge
+
+        test = data.load_dataset(DATASET, split="test", n=run.n_eval)
+        prompts = list(test.captions[:run.n_eval])
+        g = torch.Generator().manual_seed(SEED)
+        xs, secs = _timed(lambda: torch.cat([
+            m.sample(prompts[i:i + 250], guidance_scale=spec["guidance_scale"], steps=steps, generator=g)
+            for i in range(0, len(prompts), 250)]))
+        out = sample_metrics(xs, test.labels[:run.n_eval], run.x_test, secs / len(xs))
+        out["caption_accuracy"] = ldm.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
+        return out
+
+    return run.finish("ldm", model, fit_out, measure,
+                      {"sampler": {"sampler": "ddim", "steps": steps, "guidance_scale": spec["guidance_scale"],
+                                   "prompts": "captions of the first test images"},
+                       "autoencoder": "reference vqgan"})
+
+
+TRAINERS = {"vae": train_vae, "vqvae": train_vqvae, "vqvae_prior": train_vqvae_prior, "vqgan": train_vqgan,
+            "vqgan_prior": train_vqgan_prior, "ddpm": train_ddpm, "ldm": train_ldm}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog=COMMAND, description="Train the small reference checkpoints of every model family on `shapes` "
+        "and write them with a manifest (file, sha256, command, config, training time, metrics).")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=NAMES,
+                   help=f"train only these ({', '.join(NAMES)}); a prior needs its autoencoder, ldm needs vqgan, "
+                        "already in --out")
+    p.add_argument("--out", default=None, help=f"output folder (default: the package's {WEIGHTS_DIR}; "
+                   "with --quick: a new temporary folder)")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds per family) into a temporary folder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="minigen-reference-"))
+    else:
+        out = WEIGHTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in TRAIN_ORDER if n in (args.only or NAMES)]
+    for name in names:
+        dep = DEPENDS.get(name)
+        if dep and dep not in names:
+            try:
+                path(dep, out)
+            except ReferenceError as e:
+                p.error(f"{name} needs the reference {dep} in {out}: {e}")
+    run = _Run(out, args.quick)
+    t0 = time.perf_counter()
+    for name in names:
+        print(f"== {name} ==", flush=True)
+        TRAINERS[name](run)
+    total = sum(e["bytes"] for e in manifest(out)["models"].values())
+    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; {out / MANIFEST}: {total / 1e6:.2f} MB in all", flush=True)
+    if total > MAX_TOTAL_BYTES:
+        print(f"warning: the reference folder holds {total / 1e6:.1f} MB, over the {MAX_TOTAL_BYTES / 1e6:.0f} MB budget",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""The shipped reference checkpoints (minigen.reference): present, intact, small, loadable,
+rebuildable, and their recorded metrics reproducible."""
+import hashlib
+import shutil
+
+import pytest
+import torch
+
+from minigen import reference
+
+MANIFEST = reference.manifest()
+SHIPPED = list(MANIFEST["models"])
+REQUIRED_KEYS = {"file", "sha256", "bytes", "params", "command", "config", "train_steps", "train_seconds",
+                 "train_cpu_seconds", "metrics", "torch_version", "minigen_version", "date"}
+
+
+def test_manifest_lists_only_known_models_with_full_records():
+    assert SHIPPED, "no reference checkpoints are shipped"
+    for name, entry in MANIFEST["models"].items():
+        assert name in reference.NAMES
+        assert REQUIRED_KEYS <= set(entry), f"{name}: missing {REQUIRED_KEYS - set(entry)}"
+        assert entry["command"].startswith(f"{reference.COMMAND} --only {name}")
+        assert not entry["quick"], f"{name} was shipped from a --quick run"
+        assert entry["metrics"], f"{name} has no metrics"
+
+
+def test_every_family_is_shipped():
+    missing = [n for n in reference.NAMES if n not in SHIPPED]
+    assert not missing, f"reference checkpoints missing: {missing}; run `python -m minigen.reference --only {' '.join(missing)}`"
+
+
+def test_sizes_match_and_fit_the_budget():
+    total = 0
+    for name, entry in MANIFEST["models"].items():
+        p = reference.path(name)
+        assert p.stat().st_size == entry["bytes"], name
+        total += entry["bytes"]
+    assert total <= reference.MAX_TOTAL_BYTES, f"{total / 1e6:.1f} MB > 20 MB"
+    assert MANIFEST["total_bytes"] == total
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_checkpoint_loads_with_matching_sha(name):
+    p = reference.path(name)
+    assert hashlib.sha256(p.read_bytes()).hexdigest() == MANIFEST["models"][name]["sha256"]
+    model = reference.load(name)
+    assert not model.training
+    params = list(model.parameters())
+    assert all(q.dtype == torch.float32 for q in params), "load must restore float32"
+    assert all(torch.isfinite(q).all() for q in params)
+    # trainable parameters as counted by the manifest (frozen helper nets excluded from neither side)
+    assert sum(q.numel() for q in params) == MANIFEST["models"][name]["params"]
+    # the stored float16 values come back exactly (float16 -> float32 is lossless)
+    stored = torch.load(p, weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        if k in stored and stored[k].dtype == torch.float16:
+            assert torch.equal(v, stored[k].float()), k
+            break
+
+
+def _corrupt_copy(tmp_path, name):
+    src = reference.path(name).parent
+    dst = tmp_path / "ref"
+    dst.mkdir()
+    shutil.copy(src / "manifest.json", dst / "manifest.json")
+    shutil.copy(src / MANIFEST["models"][name]["file"], dst / MANIFEST["models"][name]["file"])
+    return dst
+
+
+def test_corrupt_copy_gives_a_clear_error(tmp_path):
+    name = SHIPPED[0]
+    root = _corrupt_copy(tmp_path, name)
+    f = root / MANIFEST["models"][name]["file"]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(reference.ReferenceError, match=rf"sha256.*python -m minigen.reference --only {name}"):
+        reference.load(name, root=root)
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    name = SHIPPED[0]
+    root = _corrupt_copy(tmp_path, name)
+    (root / MANIFEST["models"][name]["file"]).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"missing.*--only {name}"):
+        reference.load(name, root=root)
+    with pytest.raises(ValueError, match="unknown reference model"):
+        reference.load("gan")
+    with pytest.raises(FileNotFoundError, match="python -m minigen.reference"):
+        reference.manifest(tmp_path / "nowhere")
+
+
+def test_recorded_reconstruction_psnr_is_reproducible():
+    """The manifest's figures were measured on the loaded file: recomputing one must agree."""
+    from minigen import data, metrics
+
+    name = next((n for n in ("vqvae", "vqgan", "vae") if n in SHIPPED), None)
+    if name is None:
+        pytest.skip("no autoencoder shipped")
+    n = reference.N_EVAL
+    x, _ = data.load_dataset("shapes", split="test", n=n).tensors()
+    model = reference.load(name)
+    with torch.no_grad():
+        x_hat = torch.cat([model.reconstruct(xb) for xb in x.split(250)])
+    psnr = float(metrics.psnr(x_hat, x).mean())
+    assert psnr == pytest.approx(MANIFEST["models"][name]["metrics"]["recon_psnr_db"], abs=1e-3)
+
+
+def test_quick_smoke_run_into_tmp(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert reference.main(["--quick", "--only", "vae", "--out", str(out)]) == 0
+    m = reference.manifest(out)
+    assert list(m["models"]) == ["vae"] and m["models"]["vae"]["quick"]
+    assert m["models"]["vae"]["train_steps"] == reference.QUICK["steps"]
+    model = reference.load("vae", root=out)
+    assert model.sample(2).shape == (2, 3, 32, 32)
+    assert "[vae]" in capsys.readouterr().out
+
+
+def test_prior_without_its_autoencoder_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        reference.main(["--quick", "--only", "vqvae_prior", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "needs the reference vqvae" in capsys.readouterr().err
