@@ -754,10 +754,11 @@ class GaussianDiffusion(nn.Module):
                 progress=progress, p_sample=self.p_sample_fn, ddim_step=self.ddim_step_fn,
                 **self._step_kwargs())
 
-    def sample_images(self, n):
-        """Samples for the periodic grids of minigen.train.fit (cycling the classes)."""
+    def sample_images(self, n, guidance=None, steps=None):
+        """Samples cycling through the classes: fit's periodic grids and `minigen sample`
+        (--guidance, --steps; None keeps the config's guidance_scale and sample_steps)."""
         y = torch.arange(n) % self.num_classes if self.num_classes else None
-        return self.sample(n, y=y)
+        return self.sample(n, y=y, guidance_scale=guidance, steps=steps)
 
     @torch.no_grad()
     def inpaint(self, x, mask, y=None, context=None, *, guidance_scale=None, sampler="ddpm", steps=None,

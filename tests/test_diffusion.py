@@ -433,3 +433,16 @@ def test_bad_inputs_give_clear_errors(ab):
     model = small_model()
     with pytest.raises(ValueError, match="1-channel"):
         model.model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+
+
+def test_sample_images_takes_the_cli_options():
+    # `minigen sample CKPT --guidance 3 --steps 4` calls sample_images(n, guidance=, steps=)
+    model = D.build(dict(channels=8, channel_mult=(1,), layers_per_block=1, attention_resolutions=(),
+                         timesteps=20, sample_steps=5), image_shape=(1, 8, 8), num_classes=3)
+    calls = []
+    model.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    x = model.sample_images(5, guidance=3.0, steps=4)
+    assert x.shape == (5, 1, 8, 8) and calls == [10] * 4  # 4 steps, guided: [uncond, cond] batch
+    calls.clear()
+    model.sample_images(2)
+    assert calls == [2] * 5  # the config's defaults: guidance 1, sample_steps 5
