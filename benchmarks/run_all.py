@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from unet_throughput import matmul_gflops  # a sibling script: benchmarks/ is on sys.path when run
+
 HERE = Path(__file__).resolve().parent
 FAMILIES = ("autoencoder", "vae", "vqvae", "vqgan", "prior", "ddpm", "ldm")
 SHAPE = (3, 32, 32)
@@ -197,15 +199,6 @@ BENCHES = {b.name: b for b in (AutoEncoderBench, VAEBench, VQVAEBench, VQGANBenc
 # ----------------------------------------------------------------------------- measuring
 
 
-def matmul_gflops(n=2048, reps=5):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
 def optimizers(model):
     from minigen.train import TrainConfig
     if hasattr(model, "configure_optimizers"):
@@ -273,7 +266,7 @@ def child(args):
 
     rows = {"matmul": [], "train_small": [], "train_large": [], "sample": []}
     for _ in range(args.repeats):  # interleaved: a change in load hits every figure alike
-        rows["matmul"].append(matmul_gflops())
+        rows["matmul"].append(matmul_gflops(reps=5))
         for key, b in (("train_small", b_small), ("train_large", b_large)):
             t0 = time.perf_counter()
             for _ in range(args.steps):

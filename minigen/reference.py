@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 import tempfile
@@ -45,6 +44,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from minigen.judge import _sha256  # the same file check as the shipped judges
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "reference"
 MANIFEST = "manifest.json"
@@ -145,14 +146,6 @@ def path(name: str, root=None) -> Path:
     if not p.is_file():
         raise ReferenceError(f"the reference checkpoint {p} is missing; {_rebuild_hint(name)}")
     return p
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load(name: str, device="cpu", *, root=None):

@@ -10,10 +10,12 @@ def stub(*args, **kwargs):
     raise NotImplementedError("Exercise N.M: stub")
 
 
-def fails(check_fn, answer, *fragments):
-    """Run a check on a wrong answer: it must raise CheckFailed whose message holds every fragment."""
+def fails(check_fn, *answers_and_fragments, n_answers=1):
+    """Run a check on a wrong answer (the first n_answers arguments; a check that takes
+    several pieces gets several): it must raise CheckFailed whose message holds every fragment."""
+    answers, fragments = answers_and_fragments[:n_answers], answers_and_fragments[n_answers:]
     with pytest.raises(CheckFailed) as info:
-        check_fn(answer)
+        check_fn(*answers)
     msg = str(info.value)
     for f in fragments:
         assert f in msg, f"expected {f!r} in the message:\n{msg}"

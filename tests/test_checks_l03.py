@@ -6,20 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigen.course.checks import CheckFailed
 from minigen.course.checks import l03 as check
 
-from _check_helpers import stub
-
-
-def fails(check_fn, *answers_and_fragments, n_answers=1):
-    answers, fragments = answers_and_fragments[:n_answers], answers_and_fragments[n_answers:]
-    with pytest.raises(CheckFailed) as info:
-        check_fn(*answers)
-    msg = str(info.value)
-    for f in fragments:
-        assert f in msg, f"expected {f!r} in the message:\n{msg}"
-    return msg
+from _check_helpers import fails, stub
 
 
 # ---------------------------------------------------------------------------- 3.1
