@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -129,12 +130,14 @@ def cmd_train(args) -> int:
     nparams = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     what = f"{nparams / 1e6:.2f}M trainable parameters" + (f", {frozen / 1e6:.2f}M frozen" if frozen else "")
-    print(f"training {args.model} ({what}) on {args.data} "
-          f"({len(ds)} images {tuple(ds.image_shape)}) for {cfg.steps} steps -> {args.out}")
+    # under torchrun every process runs this command: report once, from rank 0
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    say(f"training {args.model} ({what}) on {args.data} "
+        f"({len(ds)} images {tuple(ds.image_shape)}) for {cfg.steps} steps -> {args.out}")
     result = train.fit(model, train_data, cfg)
     last = result.history[-1] if result.history else {}
-    print(f"done at step {result.step}; last loss {last.get('loss', float('nan')):.4f}; "
-          f"checkpoint in {Path(args.out) / 'checkpoint.pt'}")
+    say(f"done at step {result.step}; last loss {last.get('loss', float('nan')):.4f}; "
+        f"checkpoint in {Path(args.out) / 'checkpoint.pt'}")
     return 0
 
 

@@ -733,7 +733,7 @@ def _dist_env() -> tuple[int, int, int]:
 
 
 def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
-        loss_fn: Callable | None = None, **overrides) -> TrainResult:
+        loss_fn: Callable | None = None, callback: Callable | None = None, **overrides) -> TrainResult:
     """Train `model` on `data`; see the module docstring for what happens at each step.
 
     model: an nn.Module with ``training_loss(batch, step[, name])`` (unless `loss_fn` is given),
@@ -742,6 +742,10 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
         tensors, not tuples).
     config: a TrainConfig; keyword `overrides` replace its fields (``fit(m, d, steps=500)``).
     loss_fn: ``loss_fn(model, batch, step[, name])`` used instead of ``model.training_loss``.
+    callback: ``callback(done, model, ema)`` after every optimizer step, on the main process
+        only (`done` = steps done so far; `ema` the EMA or None), e.g. to evaluate during
+        training. Its time is left out of the logged img/s, like checkpointing's, and the
+        torch RNG state is restored after it, so it does not change the training run.
 
     ``step`` is the 0-based index of the optimizer step being computed; log records and
     checkpoints count steps done. A fresh run first seeds every RNG with ``config.seed`` (plus
@@ -777,7 +781,7 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
         raise ValueError(f"batch_size {config.batch_size} must be divisible by world_size x grad_accum "
                          f"= {world} x {config.grad_accum}")
 
-    return _fit(model, data, n_data, config, loss_fn, world, rank, local_rank)
+    return _fit(model, data, n_data, config, loss_fn, world, rank, local_rank, callback)
 
 
 def _wants_cuda(pref) -> bool:
@@ -789,7 +793,7 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> TrainResult:
+def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank, callback=None) -> TrainResult:
     distributed = world > 1
     if distributed and _wants_cuda(config.device):
         device = torch.device("cuda", local_rank)
@@ -1040,6 +1044,17 @@ def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank) -> Train
                     sample(done)
                 if ckpt_now:
                     checkpoint(done)
+                io_time += time.perf_counter() - t0
+            if callback is not None and is_main:
+                t0 = time.perf_counter()
+                was = model.training
+                # the callback may draw random numbers (e.g. sample): keep training's stream
+                rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if on_cuda else None)
+                callback(done, model, ema)
+                torch.set_rng_state(rng[0])
+                if on_cuda:
+                    torch.cuda.set_rng_state(rng[1], device)
+                model.train(was)
                 io_time += time.perf_counter() - t0
         if ckpt_path is not None and not resumed and steps == 0:
             checkpoint(0)  # "a checkpoint at the end", even of an empty run

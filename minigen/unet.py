@@ -9,7 +9,8 @@ minigen.nn:
             -> GroupNorm, SiLU, conv_out
 
 Every ResnetBlock is conditioned on one embedding vector: the sinusoidal time embedding
-through a 2-layer MLP, plus a learned class embedding when num_classes is set. Class id
+through a 2-layer MLP, plus a learned class embedding when num_classes is set (plus a
+projection of the mean context vector with pooled_context). Class id
 `num_classes` is the extra "null" class used for classifier-free guidance. With
 context_dim set, the attention levels use latent diffusion's SpatialTransformer
 (self-attention + cross-attention to a context sequence, e.g. encoded text) instead of
@@ -47,6 +48,10 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int | None = None  # class-conditional; id num_classes = "null" class
     context_dim: int | None = None  # cross-attention to a (N, M, context_dim) context
+    # also add a projection of the context's mean over its M positions to the time
+    # embedding (Imagen's "pooled text embedding"; SDXL's text_embeds): a global path for
+    # the condition into every ResnetBlock, besides the cross-attention
+    pooled_context: bool = False
     transformer_heads: int = 4
     transformer_dim_head: int = 16
     transformer_depth: int = 1
@@ -63,6 +68,8 @@ class UNetConfig:
             raise ValueError("UNetConfig: channel_mult needs at least one level, e.g. (1, 2, 2)")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"UNetConfig: num_classes must be >= 1 or None, got {self.num_classes}")
+        if self.pooled_context and self.context_dim is None:
+            raise ValueError("UNetConfig: pooled_context needs context_dim (the context it pools)")
 
 
 class UNet(nn.Module):
@@ -89,6 +96,7 @@ class UNet(nn.Module):
         )
         # one extra row: the null class of classifier-free guidance
         self.class_embed = nn.Embedding(c.num_classes + 1, temb_ch) if c.num_classes else None
+        self.context_embed = nn.Linear(c.context_dim, temb_ch) if c.pooled_context else None
 
         def attention(channels):
             if c.context_dim is not None:
@@ -195,6 +203,8 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(y)
         if c.context_dim is not None and context is None:
             context = x.new_zeros(x.shape[0], 1, c.context_dim)
+        if self.context_embed is not None:
+            emb = emb + self.context_embed(context.mean(dim=1))
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 

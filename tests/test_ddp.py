@@ -111,6 +111,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_cli_under_torchrun_reports_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "minigen", "train", "autoencoder", "--data", "digits", "--n-train", "64", "--steps", "2",
+           "--batch-size", "8", "--set", "channels=8", "--device", "cpu", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("training autoencoder") == 1, proc.stdout
+    assert proc.stdout.count("done at step 2") == 1, proc.stdout
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_two_ranks_match_one_process(tmp_path):
     env = _env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -428,6 +428,23 @@ def test_sample_grids_do_not_change_the_run(tmp_path):
     assert_same_weights(with_samples.model, without.model, exact=True)
 
 
+def test_callback_sees_every_step_and_does_not_change_the_run():
+    x = structured_images(32)
+    kw = dict(steps=5, batch_size=8, ema_decay=0.9, **QUIET)
+    seen = []
+
+    def callback(done, model, ema):
+        seen.append((done, model.training, ema is not None))
+        model.eval()  # fit puts the mode back
+        torch.randn(100)  # and the RNG stream: the noise of the next steps stays the same
+
+    with_cb = fit(make_model(noise=0.2), x, callback=callback, **kw)
+    without = fit(make_model(noise=0.2), x, **kw)
+    assert seen == [(d, True, True) for d in range(1, 6)]
+    assert with_cb.model.training
+    assert_same_weights(with_cb.model, without.model, exact=True)
+
+
 # ---------------------------------------------------------------------------- clear errors
 
 

@@ -77,11 +77,34 @@ def test_every_input_changes_the_output():
 
 
 def test_gradients_reach_every_parameter():
-    model = _wake(_small(num_classes=3, context_dim=4))
+    model = _wake(_small(num_classes=3, context_dim=4, pooled_context=True))
     out = model(torch.randn(2, 3, 8, 8), torch.tensor([3, 4]), torch.tensor([0, 3]), torch.randn(2, 2, 4))
     out.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
+
+
+def test_pooled_context_adds_the_projected_mean_context_to_the_time_embedding():
+    a = _wake(_small(context_dim=8, pooled_context=True)).eval()
+    b = _small(context_dim=8).eval()
+    state = a.state_dict()
+    b.load_state_dict({k: v for k, v in state.items() if not k.startswith("context_embed.")})
+    x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([3, 900]), torch.randn(2, 5, 8)
+    # reference: the plain U-Net with emb = time_embed(...) + W mean_m(context_m) + bias
+    pooled = a.context_embed(ctx.mean(dim=1))
+    hook = b.time_embed.register_forward_hook(lambda mod, inp, out: out + pooled)
+    torch.testing.assert_close(a(x, t, context=ctx), b(x, t, context=ctx))
+    hook.remove()
+    assert not torch.allclose(a(x, t, context=ctx), b(x, t, context=ctx))
+    # the pooled path alone carries the condition (cross-attention switched off)
+    with torch.no_grad():
+        for m in a.modules():
+            if hasattr(m, "transformer_blocks"):
+                m.proj_out.weight.zero_()
+                m.proj_out.bias.zero_()
+    assert not torch.allclose(a(x, t, context=ctx), a(x, t, context=torch.randn(2, 5, 8)))
+    with pytest.raises(ValueError, match="pooled_context needs context_dim"):
+        UNetConfig(pooled_context=True)
 
 
 def test_channels_last_matches_contiguous():
