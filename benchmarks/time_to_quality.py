@@ -84,7 +84,7 @@ def build(args, train_set):
     kw = dict(ldm.TRAIN_DEFAULTS)
     kw["warmup_steps"] = kw.pop("warmup", 0)
     kw["lr_schedule"] = kw.pop("schedule", "constant")
-    kw.setdefault("ema_decay", 0.995)
+    kw["ema_decay"] = kw.pop("ema", 0.995)
     test = data.load_dataset("shapes", split="test", n=args.n_eval)
     prompts = list(test.captions)
 

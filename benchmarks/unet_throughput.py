@@ -8,6 +8,11 @@ the same run, interleaved with the model timings. Medians over --repeats rounds.
 
     python benchmarks/unet_throughput.py                  # ~2 minutes on 2 cores
     python benchmarks/unet_throughput.py --threads 1 --repeats 3
+    python benchmarks/unet_throughput.py --threads 1 --compile    # + a torch.compile'd step
+
+With --compile the same model is also trained through torch.compile (inductor; it fuses the
+GroupNorm, SiLU and scale-shift elementwise work that runs between the convolutions), timed
+in the same interleaved rounds; compilation time is printed separately.
 
 minigen.train.fit raises glibc's malloc thresholds (see performance-notes: at batch 64 the
 default allocator maps and unmaps activation buffers every step); this script does the same
@@ -45,12 +50,13 @@ def forward_gflops(model, batch=8):
     return fc.get_total_flops() / batch / 1e9
 
 
-def train_img_per_s(model, opt, batch, steps=5):
+def train_img_per_s(model, opt, batch, steps=5, forward=None):
     x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
     noise = torch.randn_like(x)
+    forward = model if forward is None else forward
 
     def step():
-        loss = F.mse_loss(model(x, t), noise)
+        loss = F.mse_loss(forward(x, t), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -78,6 +84,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--default-malloc", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--compile", action="store_true", help="also time a torch.compile'd training step")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,10 +94,19 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = forward_gflops(model)
     rows = {"matmul": [], "train32": [], "train64": [], "sample64": []}
+    compiled, compile_s = None, None
+    if args.compile:
+        compiled = torch.compile(model)
+        t0 = time.perf_counter()
+        train_img_per_s(model, opt, 64, steps=1, forward=compiled)  # compiles forward and backward
+        compile_s = time.perf_counter() - t0
+        rows["train64_compiled"] = []
     for _ in range(args.repeats):  # interleaved so load changes hit every figure alike
         rows["matmul"].append(matmul_gflops())
         rows["train32"].append(train_img_per_s(model, opt, 32))
         rows["train64"].append(train_img_per_s(model, opt, 64))
+        if compiled is not None:
+            rows["train64_compiled"].append(train_img_per_s(model, opt, 64, forward=compiled))
         rows["sample64"].append(evals_per_s(model))
     med = {k: statistics.median(v) for k, v in rows.items()}
     out = {
@@ -105,12 +121,20 @@ def main():
         "train_gflops_b64": 3 * fwd * med["train64"],
     }
     out["train_fraction_of_matmul_b64"] = out["train_gflops_b64"] / med["matmul"]
+    if compiled is not None:
+        out["compile_s"] = compile_s
+        out["train_img_s_b64_compiled"] = med["train64_compiled"]
+        out["train_fraction_of_matmul_b64_compiled"] = 3 * fwd * med["train64_compiled"] / med["matmul"]
     print(f"minigen {out['minigen']}, torch {out['torch']}, {out['machine']}, {args.threads} threads, "
           f"malloc {out['malloc']}, {out['date']}")
     print(f"U-Net {out['params_M']:.2f}M params, forward {fwd:.3f} GFLOP/img")
     print(f"fp32 matmul 2048^2: {med['matmul']:.0f} GFLOP/s (median of {args.repeats})")
     print(f"train img/s: batch 32 {med['train32']:.1f}, batch 64 {med['train64']:.1f} "
           f"-> {out['train_gflops_b64']:.0f} GFLOP/s = {out['train_fraction_of_matmul_b64']:.0%} of matmul")
+    if compiled is not None:
+        print(f"torch.compile: {compile_s:.0f} s to compile; train img/s batch 64 {med['train64_compiled']:.1f} "
+              f"= {out['train_fraction_of_matmul_b64_compiled']:.0%} of matmul "
+              f"({med['train64_compiled'] / med['train64']:.2f}x eager)")
     print(f"sampler: {med['sample64']:.2f} network evaluations/s at batch 64")
     print("spread (min..max): " + ", ".join(f"{k} {min(v):.1f}..{max(v):.1f}" for k, v in rows.items()))
     if args.json:

@@ -13,11 +13,19 @@ from _check_helpers import stub, fails
 
 # ---------------------------------------------------------------------------- 6.1
 def make_ddim(*, abar_prev_last=None, sigma_fn=None, dir_fn=None, x0_fn=None, prev_fn=None,
-              clip="keep_eps", add_noise=True, draw_noise=True):
-    """A learner-style ddim_step; the keyword arguments inject one typical mistake."""
+              clip="keep_eps", add_noise=True, draw_noise=True, v_x0_fn=None, v_eps_fn=None,
+              v_as_eps=False, v_clip="keep_eps", unknown="raise"):
+    """A learner-style ddim_step; the keyword arguments inject one typical mistake
+    (v_*: in the conversion of a v output; unknown: what happens to other prediction types)."""
 
-    def ddim_step(x_t, t, t_prev, eps, alphas_cumprod, *, eta=0.0, noise=None, clip_denoised=True,
+    def ddim_step(x_t, t, t_prev, model_output, alphas_cumprod, *, eta=0.0, noise=None, clip_denoised=True,
                   generator=None, prediction_type="epsilon"):
+        if prediction_type not in ("epsilon", "v"):
+            if unknown == "raise":
+                raise ValueError(f"prediction_type must be 'epsilon' or 'v', got {prediction_type!r}")
+            if unknown == "notimplemented":
+                raise NotImplementedError(prediction_type)
+            prediction_type = "epsilon"  # unknown == "as_eps": silently treated as eps
         ab = alphas_cumprod[t].view(-1, 1, 1, 1)
         if prev_fn is not None:
             ab_prev = prev_fn(alphas_cumprod, t, t_prev)
@@ -25,10 +33,18 @@ def make_ddim(*, abar_prev_last=None, sigma_fn=None, dir_fn=None, x0_fn=None, pr
             ab_prev = alphas_cumprod[t_prev]
         else:
             ab_prev = torch.tensor(1.0) if abar_prev_last is None else abar_prev_last(alphas_cumprod)
-        x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt() if x0_fn is None else x0_fn(x_t, eps, ab)
-        if clip_denoised and clip is not None:
+        mode = clip
+        if prediction_type == "v" and not v_as_eps:
+            v = model_output
+            x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * v if v_x0_fn is None else v_x0_fn(x_t, v, ab)
+            eps = ab.sqrt() * v + (1 - ab).sqrt() * x_t if v_eps_fn is None else v_eps_fn(x_t, v, ab)
+            mode = v_clip
+        else:
+            eps = model_output
+            x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt() if x0_fn is None else x0_fn(x_t, eps, ab)
+        if clip_denoised and mode is not None:
             x0 = x0.clamp(-1, 1)
-            if clip == "recompute":
+            if mode == "recompute":
                 eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
         if sigma_fn is None:
             sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()
@@ -49,6 +65,16 @@ def test_ddim_step_correct(capsys):
     check.ddim_step(make_ddim())
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("✓ Exercise 6.1 ddim_step: passed")
+
+
+def test_ddim_step_v_through_x0_passes(capsys):
+    # eps_hat from the unclipped x0_hat, (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar), is the same
+    # eps_hat written differently (minigen's route)
+    def eps_from_x0(x, v, a):
+        return (x - a.sqrt() * (a.sqrt() * x - (1 - a).sqrt() * v)) / (1 - a).sqrt()
+
+    check.ddim_step(make_ddim(v_eps_fn=eps_from_x0))
+    assert "✓ Exercise 6.1 ddim_step: passed (epsilon and v" in capsys.readouterr().out
 
 
 def test_minigen_ddim_step_passes(capsys):
@@ -91,6 +117,19 @@ def test_ddim_step_stub():
     (make_ddim(draw_noise=False), "draw z ~ N(0, I) yourself"),
     (make_ddim(clip=None), "clamp x0_hat to [-1, 1]"),
     (make_ddim(clip="recompute"), "keep the network's eps"),
+    # v-prediction
+    (make_ddim(v_as_eps=True), "the network output is v, not eps"),
+    (make_ddim(v_x0_fn=lambda x, v, a: a.sqrt() * x + (1 - a).sqrt() * v), "sign error in x0_hat"),
+    (make_ddim(v_x0_fn=lambda x, v, a: (1 - a).sqrt() * x - a.sqrt() * v), "coefficients of x0_hat are swapped"),
+    (make_ddim(v_eps_fn=lambda x, v, a: (1 - a).sqrt() * v + a.sqrt() * x), "coefficients of eps_hat are swapped"),
+    (make_ddim(v_eps_fn=lambda x, v, a: a.sqrt() * v - (1 - a).sqrt() * x), "sign error in eps_hat"),
+    (make_ddim(v_eps_fn=lambda x, v, a: v), "uses v itself"),
+    (make_ddim(v_x0_fn=lambda x, v, a: (x - (1 - a).sqrt() * v) / a.sqrt()), "epsilon formula applied to v"),
+    (make_ddim(v_clip=None), "for v-prediction too"),
+    (make_ddim(v_clip="recompute"), "not from the clamped x0_hat"),
+    # other prediction types
+    (make_ddim(unknown="as_eps"), "must raise ValueError"),
+    (make_ddim(unknown="notimplemented"), "raise ValueError for a prediction type"),
 ])
 def test_ddim_step_mistakes(answer, fragment):
     fails(check.ddim_step, answer, "Exercise 6.1", fragment)
@@ -159,11 +198,13 @@ def test_guidance_in_place_and_type():
 
 # ---------------------------------------------------------------------------- 6.3
 def make_inpaint(*, paste="renoised", invert=False, final_paste=True, t_prev_fn=None, steps_fix=None,
-                 paste_before=False):
+                 paste_before=False, forward_prediction_type=True):
     """A learner-style DDIM inpainting loop; the keyword arguments inject one typical mistake."""
 
     def inpaint(model_fn, x0, mask, alphas_cumprod, *, steps=50, eta=0.0, generator=None,
-                ddim_step=diffusion.ddim_step, q_sample=diffusion.q_sample, clip_denoised=True, **unused):
+                ddim_step=diffusion.ddim_step, q_sample=diffusion.q_sample, clip_denoised=True,
+                prediction_type="epsilon", **unused):
+        step_kw = dict(prediction_type=prediction_type) if forward_prediction_type else {}
         n, T = x0.shape[0], len(alphas_cumprod)
         m = 1 - mask if invert else mask
         ts = diffusion.ddim_timesteps(T, steps).tolist()
@@ -184,7 +225,7 @@ def make_inpaint(*, paste="renoised", invert=False, final_paste=True, t_prev_fn=
                 x = m * known(t) + (1 - m) * x
             tt = torch.full((n,), t, dtype=torch.long)
             x = ddim_step(x, tt, t_prev, model_fn(x, tt), alphas_cumprod, eta=eta,
-                          clip_denoised=clip_denoised, generator=generator)
+                          clip_denoised=clip_denoised, generator=generator, **step_kw)
             if not paste_before and (final_paste or t_prev >= 0):
                 target = t if paste == "previous" else t_prev
                 x = m * known(target if t_prev >= 0 else -1) + (1 - m) * x
@@ -202,9 +243,9 @@ def test_inpaint_correct(capsys):
 
 
 def test_minigen_inpaint_passes(capsys):
-    def minigen_inpaint(model_fn, x0, mask, ab, *, steps, ddim_step, q_sample):
+    def minigen_inpaint(model_fn, x0, mask, ab, *, steps, ddim_step, q_sample, prediction_type="epsilon"):
         return diffusion.inpaint(model_fn, x0, mask, ab, sampler="ddim", steps=steps, q_sample=q_sample,
-                                 ddim_step=ddim_step)
+                                 ddim_step=ddim_step, prediction_type=prediction_type)
 
     check.inpaint(minigen_inpaint)
     assert "✓ Exercise 6.3" in capsys.readouterr().out
@@ -222,6 +263,7 @@ def test_inpaint_stub():
     (make_inpaint(paste="no_noise"), "fresh noise"),
     (make_inpaint(t_prev_fn=lambda t, tp: t - 1 if tp >= 0 else tp), "not t - 1"),
     (make_inpaint(t_prev_fn=lambda t, tp: max(tp, 0)), "not 0"),
+    (make_inpaint(forward_prediction_type=False), "dropped prediction_type"),
 ])
 def test_inpaint_mistakes(answer, fragment):
     fails(check.inpaint, answer, "Exercise 6.3", fragment)

@@ -4,13 +4,15 @@ Each check calls the learner's function on fresh seeded random inputs and compar
 a reference written here in float64 (never minigen.diffusion's own implementation). Wrong
 answers that match a typical mistake get a "Likely mistake" line.
 
-Conventions checked (minigen, diffusers, improved-diffusion):
+Conventions checked (minigen, diffusers, improved-diffusion; v from Salimans & Ho 2022):
 
-    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)      clamped to [-1, 1] when clip_denoised;
-                                                              eps stays the network's (diffusers)
+    epsilon-prediction:  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),  eps_hat = the output
+    v-prediction:        x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
+                         eps_hat = sqrt(abar_t) v + sqrt(1 - abar_t) x_t
+    clip_denoised clamps x0_hat to [-1, 1]; eps_hat stays as derived from the output (diffusers)
     sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
-    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z,  abar_{-1} = 1
-    guided = eps_uncond + w (eps_cond - eps_uncond)
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,  abar_{-1} = 1
+    guided = out_uncond + w (out_cond - out_uncond)
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ def _linear_alphas_cumprod(T: int = 1000, beta_start: float = 1e-4, beta_end: fl
     return torch.cumprod(1 - betas, 0).float()
 
 
+def _cosine_alphas_cumprod(T: int = 1000, s: float = 0.008) -> torch.Tensor:
+    """float32 abar_t of the cosine schedule (improved-diffusion), betas capped at 0.999."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0).float()
+
+
 def _as_index(t, n) -> torch.Tensor:
     t = torch.as_tensor(t).long()
     return t.expand(n) if t.ndim == 0 else t
@@ -44,33 +53,48 @@ def _abar64(alphas_cumprod, t, n) -> torch.Tensor:
     return out.view(-1, 1, 1, 1)
 
 
-def _ddim64(x_t, t, t_prev, eps, alphas_cumprod, *, eta=0.0, noise=None, clip_denoised=False,
-            recompute_eps=False, abar_prev=None, sigma=None, direction=None, x0_fn=None):
-    """The reference DDIM step in float64. The keyword "hooks" build the known wrong variants."""
+def _x0_eps64(x, out, ab, prediction_type):
+    """(x0_hat, eps_hat) in float64 from the network output, before any clipping."""
+    if prediction_type == "epsilon":
+        return (x - (1 - ab).sqrt() * out) / ab.sqrt(), out
+    if prediction_type == "v":
+        return ab.sqrt() * x - (1 - ab).sqrt() * out, ab.sqrt() * out + (1 - ab).sqrt() * x
+    raise ValueError(f"internal: unknown prediction_type {prediction_type!r}")
+
+
+def _ddim64(x_t, t, t_prev, out, alphas_cumprod, *, eta=0.0, noise=None, clip_denoised=False,
+            prediction_type="epsilon", recompute_eps=False, abar_prev=None, sigma=None, direction=None,
+            x0_fn=None, eps_fn=None):
+    """The reference DDIM step in float64. The keyword "hooks" build the known wrong variants:
+    x0_fn(x, out, abar) and eps_fn(x, out, abar) replace the conversion of the network output."""
     n = x_t.shape[0]
-    x, e = x_t.double(), eps.double()
+    x, o = x_t.double(), out.double()
     ab = _abar64(alphas_cumprod, t, n)
     abp = _abar64(alphas_cumprod, t_prev, n) if abar_prev is None else abar_prev
-    x0 = (x - (1 - ab).sqrt() * e) / ab.sqrt() if x0_fn is None else x0_fn(x, e, ab)
+    x0, e = _x0_eps64(x, o, ab, prediction_type)
+    if x0_fn is not None:
+        x0 = x0_fn(x, o, ab)
+    if eps_fn is not None:
+        e = eps_fn(x, o, ab)
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
         if recompute_eps:
             e = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
     s = eta * ((1 - abp) / (1 - ab)).sqrt() * (1 - ab / abp).sqrt() if sigma is None else sigma(ab, abp)
     d = (1 - abp - s**2).clamp(min=0).sqrt() if direction is None else direction(ab, abp, s)
-    out = abp.sqrt() * x0 + d * e
+    res = abp.sqrt() * x0 + d * e
     if noise is not None:
-        out = out + s * noise.double()
-    return out
+        res = res + s * noise.double()
+    return res
 
 
-def _reference_ddim_step(x_t, t, t_prev, eps, alphas_cumprod, *, eta=0.0, noise=None,
-                         clip_denoised=True, generator=None, **unused):
+def _reference_ddim_step(x_t, t, t_prev, model_output, alphas_cumprod, *, eta=0.0, noise=None,
+                         clip_denoised=True, generator=None, prediction_type="epsilon", **unused):
     """The reference step with the learner's signature (handed to the learner's inpainting loop)."""
     if eta > 0 and noise is None:
         noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype)
-    return _ddim64(x_t, t, t_prev, eps, alphas_cumprod, eta=eta, noise=noise if eta > 0 else None,
-                   clip_denoised=clip_denoised).to(x_t.dtype)
+    return _ddim64(x_t, t, t_prev, model_output, alphas_cumprod, eta=eta, noise=noise if eta > 0 else None,
+                   clip_denoised=clip_denoised, prediction_type=prediction_type).to(x_t.dtype)
 
 
 def _reference_q_sample(x0, t, noise, alphas_cumprod):
@@ -90,9 +114,50 @@ def _ddim_inputs(g, n, t, *, x0_range=1.0):
     return x_t, eps, ab
 
 
+def _v_inputs(g, n, t, *, x0_range=1.0):
+    """The same for v-prediction on the cosine schedule: output = v_true + error, with
+    v_true = sqrt(abar_t) eps_true - sqrt(1 - abar_t) x0."""
+    ab = _cosine_alphas_cumprod()
+    x0 = ((torch.rand(n, 3, 6, 6, generator=g) * 2 - 1) * x0_range).double()
+    eps_true = torch.randn(n, 3, 6, 6, generator=g).double()
+    a = _abar64(ab, t, n)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps_true).float()
+    v = (a.sqrt() * eps_true - (1 - a).sqrt() * x0).float() + 0.3 * torch.randn(n, 3, 6, 6, generator=g)
+    return x_t, v, ab
+
+
+def _v_mistakes(x_t, t, t_prev, v, ab, **kw):
+    """The typical wrong conversions of a v output, as (wrong x_prev, explanation)."""
+    def wrong(**hooks):
+        return _ddim64(x_t, t, t_prev, v, ab, prediction_type="v", **kw, **hooks)
+
+    return [
+        (_ddim64(x_t, t, t_prev, v, ab, prediction_type="epsilon", **kw),
+         "with prediction_type='v' the network output is v, not eps: convert it first, "
+         "x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v and eps_hat = sqrt(abar_t) v + sqrt(1 - abar_t) x_t"),
+        (wrong(x0_fn=lambda x, o, a: a.sqrt() * x + (1 - a).sqrt() * o),
+         "sign error in x0_hat: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, so "
+         "x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (minus, not plus)"),
+        (wrong(x0_fn=lambda x, o, a: (1 - a).sqrt() * x - a.sqrt() * o),
+         "the coefficients of x0_hat are swapped: x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v"),
+        (wrong(eps_fn=lambda x, o, a: (1 - a).sqrt() * o + a.sqrt() * x),
+         "the coefficients of eps_hat are swapped: eps_hat = sqrt(abar_t) v + sqrt(1 - abar_t) x_t "
+         "(at t = T, where abar is ~0, eps_hat must be ~x_t: the image is pure noise)"),
+        (wrong(eps_fn=lambda x, o, a: a.sqrt() * o - (1 - a).sqrt() * x),
+         "sign error in eps_hat: eps_hat = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (plus, not minus)"),
+        (wrong(eps_fn=lambda x, o, a: o),
+         "x0_hat is right, but the direction term uses v itself; it needs the noise estimate "
+         "eps_hat = sqrt(abar_t) v + sqrt(1 - abar_t) x_t"),
+        (wrong(x0_fn=lambda x, o, a: (x - (1 - a).sqrt() * o) / a.sqrt()),
+         "x0_hat comes from the epsilon formula applied to v; for v-prediction "
+         "x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (no division)"),
+    ]
+
+
 # ---------------------------------------------------------------------------- 6.1
 def ddim_step(fn) -> None:
-    """Exercise 6.1: one DDIM step x_t -> x_{t_prev} (t_prev = -1: the clean image, abar = 1)."""
+    """Exercise 6.1: one DDIM step x_t -> x_{t_prev} (t_prev = -1: the clean image, abar = 1),
+    for epsilon- and v-prediction; other prediction types raise ValueError."""
     ex = Exercise("6.1", "ddim_step")
     g = torch.Generator().manual_seed(61)
     T = 1000
@@ -250,7 +315,67 @@ def ddim_step(fn) -> None:
                 mistake="with noise=None and eta > 0, draw z ~ N(0, I) yourself "
                         "(torch.randn_like(x_t), or torch.randn with the generator)")
     ex.mean_std(z, 0.0, 1.0, what="(x_prev - mean) / sigma with eta = 1 and noise=None")
-    ex.passed("values for eta = 0, 0.5, 1, the last step, clipping, noise")
+
+    # (f) v-prediction (cosine schedule): interior steps with eta = 0 and eta = 0.5. The
+    # timesteps avoid abar = 1/2, where swapped coefficients would give the right answer.
+    for eta in (0.0, 0.5):
+        t = torch.tensor([999, 900, 760, 610, 420, 300])
+        t_prev = 150
+        x_t, v, ab = _v_inputs(g, len(t), t)
+        z = torch.randn(x_t.shape, generator=g) if eta > 0 else None
+        kw = dict(eta=eta, noise=z) if eta > 0 else dict(eta=eta)
+        out = run(x_t, t, t_prev, v, ab, prediction_type="v", clip_denoised=False, **kw)
+        ex.close(out, _ddim64(x_t, t, t_prev, v, ab, prediction_type="v", **kw), atol=1e-4, rtol=1e-4,
+                 what=f"x_prev with prediction_type='v' (eta = {eta}, t_prev = {t_prev}, clip_denoised=False)",
+                 mistakes=_v_mistakes(x_t, t, t_prev, v, ab, **kw))
+
+    # (g) v-prediction, last step: x_prev = x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
+    t = torch.tensor([19, 99, 42, 7, 60])
+    x_t, v, ab = _v_inputs(g, len(t), t)
+    out = run(x_t, t, -1, v, ab, prediction_type="v", clip_denoised=False)
+    ex.close(out, _ddim64(x_t, t, -1, v, ab, prediction_type="v"), atol=1e-4, rtol=1e-4,
+             what="x_prev with prediction_type='v' at the last step (t_prev = -1)",
+             mistakes=_v_mistakes(x_t, t, -1, v, ab))
+
+    # (h) v-prediction with clipping: clamp x0_hat only; eps_hat is derived from v as before
+    t = torch.tensor([300, 120, 450, 200, 80, 350])
+    t_prev = 60
+    x_t, v, ab = _v_inputs(g, len(t), t, x0_range=1.5)
+    out = run(x_t, t, t_prev, v, ab, prediction_type="v", clip_denoised=True)
+    x0_unclipped = _ddim64(x_t, t, -1, v, ab, prediction_type="v")
+    ex.close(out, _ddim64(x_t, t, t_prev, v, ab, prediction_type="v", clip_denoised=True), atol=1e-4, rtol=1e-4,
+             what="x_prev with prediction_type='v' (eta = 0, t_prev = 60, clip_denoised=True)", mistakes=[
+        (_ddim64(x_t, t, t_prev, v, ab, prediction_type="v"),
+         "with clip_denoised=True clamp x0_hat to [-1, 1] (for v-prediction too)"),
+        (_ddim64(x_t, t, t_prev, v, ab, prediction_type="v", clip_denoised=True, recompute_eps=True),
+         "derive eps_hat from v and x_t (sqrt(abar_t) v + sqrt(1 - abar_t) x_t), not from the clamped "
+         "x0_hat: recomputing it after clamping (GLIDE's variant) feeds the clipped-off part back "
+         "into x_prev as noise at every step"),
+        (_ddim64(x_t, t, t_prev, v, ab, prediction_type="v").clamp(-1, 1),
+         "clamp x0_hat, the predicted clean image, not x_prev (a noisy image may leave [-1, 1])"),
+        *_v_mistakes(x_t, t, t_prev, v, ab, clip_denoised=True),
+    ])
+    if float((x0_unclipped.abs() > 1).double().mean()) < 0.05:  # the test must exercise clipping
+        raise AssertionError("internal: clipping inputs (v) do not leave [-1, 1]")
+
+    # (i) any other prediction_type is refused with a ValueError, not silently treated as eps
+    x_t, eps, ab = _ddim_inputs(g, 2, torch.tensor([500, 400]))
+    ex.callable(fn)
+    try:
+        fn(x_t, torch.tensor([500, 400]), 300, eps, ab, eta=0.0, clip_denoised=False, prediction_type="sample")
+    except ValueError:
+        pass
+    except NotImplementedError:
+        ex.fail("with prediction_type='sample' your function raised NotImplementedError; raise ValueError "
+                "for a prediction type it does not handle (NotImplementedError means 'exercise not done')")
+    except Exception as e:  # noqa: BLE001 (report whatever the learner's function raised)
+        ex.fail(f"with prediction_type='sample' your function raised {type(e).__name__}: {e}; "
+                "raise a ValueError that names the supported types ('epsilon', 'v')")
+    else:
+        ex.fail("with prediction_type='sample' your function returned a result",
+                mistake="a prediction type other than 'epsilon' or 'v' must raise ValueError; treating "
+                        "an unknown output as eps gives silently wrong samples")
+    ex.passed("epsilon and v, values for eta = 0, 0.5, 1, the last step, clipping, noise")
 
 
 # ---------------------------------------------------------------------------- 6.2
@@ -294,9 +419,17 @@ def _trailing(T: int, S: int) -> list[int]:
 def inpaint(fn) -> None:
     """Exercise 6.3: the DDIM inpainting loop. Checked through the model calls it makes:
     every call sees the known region re-noised to that call's timestep, the unknown region
-    follows DDIM steps, and the result equals x0 where mask == 1."""
+    follows DDIM steps, and the result equals x0 where mask == 1. Run twice: with the default
+    (epsilon) and with prediction_type="v", which the loop must pass on to ddim_step."""
     ex = Exercise("6.3", "inpaint")
     g = torch.Generator().manual_seed(63)
+    _inpaint_case(ex, fn, g, "epsilon", seed=630)
+    _inpaint_case(ex, fn, g, "v", seed=631)
+    ex.passed("timesteps, re-noised known region at every step, DDIM updates for epsilon and v, "
+              "exact known pixels")
+
+
+def _inpaint_case(ex, fn, g, prediction_type, *, seed):
     T, S, n = 40, 8, 8
     betas = torch.linspace(1e-3, 0.3, T, dtype=torch.float64)
     ab = torch.cumprod(1 - betas, 0).float()  # abar_{T-1} ~ 1e-3: x_{T-1} is almost pure noise
@@ -317,10 +450,12 @@ def inpaint(fn) -> None:
         return out
 
     x0_before, mask_before = x0.clone(), mask.clone()
-    with seeded(630):
+    kw = dict(prediction_type="v") if prediction_type == "v" else {}  # epsilon: the default
+    case = " (prediction_type='v')" if prediction_type == "v" else ""
+    with seeded(seed):
         out = ex.call(fn, model_fn, x0, mask, ab, steps=S, ddim_step=_reference_ddim_step,
-                      q_sample=_reference_q_sample)
-    out = ex.tensor(out, shape=x0.shape, dtype=torch.float32, what="the inpainted images")
+                      q_sample=_reference_q_sample, **kw)
+    out = ex.tensor(out, shape=x0.shape, dtype=torch.float32, what="the inpainted images" + case)
     if not (torch.equal(x0, x0_before) and torch.equal(mask, mask_before)):
         ex.fail("your loop changed x0 or mask in place; build new tensors instead")
     grid = _trailing(T, S)
@@ -345,28 +480,37 @@ def inpaint(fn) -> None:
     nxt = [c[0] for c in calls[1:]] + [out]
     for k in range(S):
         t_prev = grid[k + 1] if k + 1 < S else -1
-        want = _reference_ddim_step(calls[k][0], calls[k][1], t_prev, calls[k][2], ab)
+        want = _reference_ddim_step(calls[k][0], calls[k][1], t_prev, calls[k][2], ab,
+                                    prediction_type=prediction_type)
         got = nxt[k]
         if not torch.allclose(got[fill], want[fill], atol=1e-4, rtol=1e-4):
             where = f"model call {k + 1}" if k + 1 < S else "your result"
             mistake = None
             if torch.allclose(got[fill], calls[k][0][fill], atol=1e-6):
                 mistake = "x is not updated: assign x = ddim_step(x, t, t_prev, eps, ...) in the loop"
+            elif prediction_type == "v" and torch.allclose(
+                    got[fill], _reference_ddim_step(calls[k][0], calls[k][1], t_prev, calls[k][2], ab)[fill],
+                    atol=1e-4, rtol=1e-4):
+                mistake = ("the loop dropped prediction_type: pass prediction_type=prediction_type on to "
+                           "ddim_step, or the network's v output is treated as eps")
             elif t_prev >= 0 and torch.allclose(
-                    got[fill], _reference_ddim_step(calls[k][0], calls[k][1], grid[k] - 1, calls[k][2], ab)[fill],
+                    got[fill], _reference_ddim_step(calls[k][0], calls[k][1], grid[k] - 1, calls[k][2], ab,
+                                                    prediction_type=prediction_type)[fill],
                     atol=1e-4, rtol=1e-4):
                 mistake = "t_prev is the next timestep of the grid, not t - 1"
             elif k + 1 == S and torch.allclose(got[fill], _reference_ddim_step(
-                    calls[k][0], calls[k][1], 0, calls[k][2], ab)[fill], atol=1e-4, rtol=1e-4):
+                    calls[k][0], calls[k][1], 0, calls[k][2], ab, prediction_type=prediction_type)[fill],
+                    atol=1e-4, rtol=1e-4):
                 mistake = "after the last grid timestep, step to t_prev = -1 (the clean image), not 0"
             elif k + 1 == S and torch.allclose(got[fill], calls[k][0][fill], atol=1e-6):
                 mistake = "the loop stops one step early: take the last step to t_prev = -1 as well"
-            ex.fail(f"the region to fill (mask == 0) at {where} is not the DDIM step from timestep "
+            ex.fail(f"the region to fill (mask == 0) at {where}{case} is not the DDIM step from timestep "
                     f"{grid[k]} to {t_prev} of the previous x (max abs error "
                     f"{float((got - want)[fill].abs().max()):.3g})", mistake=mistake)
 
     # the result equals x0 where mask == 1
-    last_step = _reference_ddim_step(calls[-1][0], calls[-1][1], -1, calls[-1][2], ab)
+    last_step = _reference_ddim_step(calls[-1][0], calls[-1][1], -1, calls[-1][2], ab,
+                                     prediction_type=prediction_type)
     if not torch.allclose(out[keep], x0[keep], atol=1e-5):
         if torch.allclose(out[fill], x0[fill], atol=1e-5):
             ex.fail("the known region (mask == 1) of your result is not x0, but the region to fill "
@@ -409,4 +553,3 @@ def inpaint(fn) -> None:
     if abs(float(x_first.mean())) > 6 / math.sqrt(x_first.numel()) or abs(float(x_first.std()) - 1) > 6 / math.sqrt(2 * x_first.numel()):
         ex.fail(f"at the first model call (timestep {grid[0]}) the region to fill has mean "
                 f"{float(x_first.mean()):.3g} and std {float(x_first.std()):.3g}; start from pure noise N(0, I)")
-    ex.passed("timesteps, re-noised known region at every step, DDIM updates, exact known pixels")
