@@ -15,6 +15,7 @@ ceiling latent diffusion can reach), the machine, versions and date.
     python benchmarks/ldm_text_to_image.py --autoencoder runs/vqgan/checkpoint.pt
     python benchmarks/ldm_text_to_image.py --vqgan-steps 600 --work /tmp/ldm_bench   # trains a VQGAN first
     python benchmarks/ldm_text_to_image.py ... --steps 300 --n-eval 90 --guidance 1 3  # a quick look
+    python benchmarks/ldm_text_to_image.py --checkpoint minigen/weights/reference/ldm.pt  # score only
 
 Run with OMP_NUM_THREADS=1 on a shared 2-core machine. Defaults are the module's defaults
 (minigen.ldm.DEFAULT_* and TRAIN_DEFAULTS).
@@ -65,35 +66,7 @@ def head_accuracy(j, x, prompts):
     return float(((got // 6) == (want // 6)).float().mean()), float(((got % 6) == (want % 6)).float().mean())
 
 
-def main(argv=None):
-    d = ldm.TRAIN_DEFAULTS
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint (default: train a VQGAN)")
-    p.add_argument("--vqgan-steps", type=int, default=600)
-    p.add_argument("--work", default="/tmp/ldm_text_to_image", help="folder for the VQGAN, the LDM run and the cache")
-    p.add_argument("--n-train", type=int, default=None, help="training images (default all 50,000)")
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--warmup", type=int, default=d["warmup"])
-    p.add_argument("--schedule", default=d["schedule"])
-    p.add_argument("--ema", type=float, default=d.get("ema"))
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="minigen.ldm.build override, repeatable")
-    p.add_argument("--guidance", type=float, nargs="+", default=[1, 2, 3, 5, 7.5])
-    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the config's)")
-    p.add_argument("--n-eval", type=int, default=360, help="samples per guidance scale (test captions)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="keep an existing LDM run in --work (else start over)")
-    args = p.parse_args(argv)
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MINIGEN_CACHE", str(Path(data.cache_dir())))
-    print(f"# latent diffusion text-to-image on shapes, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-          f"torch threads {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
-          f"minigen {minigen.__version__}")
-
+def train_ldm(args, work):
     ae_path = args.autoencoder or train_vqgan(work, args.vqgan_steps, args.n_train or 50_000, args.seed)
     ds = data.load_dataset("shapes", split="train")
     if args.n_train:
@@ -124,6 +97,50 @@ def main(argv=None):
           f"loss every 100 steps: {losses}")
     if result.ema is not None:
         result.ema.copy_to(model)
+    return model
+
+
+def main(argv=None):
+    d = ldm.TRAIN_DEFAULTS
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="score this trained LDM checkpoint instead of training one")
+    p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint (default: train a VQGAN)")
+    p.add_argument("--vqgan-steps", type=int, default=600)
+    p.add_argument("--work", default="/tmp/ldm_text_to_image", help="folder for the VQGAN, the LDM run and the cache")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default all 50,000)")
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--warmup", type=int, default=d["warmup"])
+    p.add_argument("--schedule", default=d["schedule"])
+    p.add_argument("--ema", type=float, default=d.get("ema"))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="minigen.ldm.build override, repeatable")
+    p.add_argument("--guidance", type=float, nargs="+", default=[0, 1, 2, 3, 5, 7.5])
+    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the config's)")
+    p.add_argument("--n-eval", type=int, default=360, help="samples per guidance scale (test captions)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="keep an existing LDM run in --work (else start over)")
+    args = p.parse_args(argv)
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MINIGEN_CACHE", str(Path(data.cache_dir())))
+    print(f"# latent diffusion text-to-image on shapes, {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+          f"torch threads {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
+          f"minigen {minigen.__version__}")
+
+    if args.checkpoint:
+        from minigen.cli import load_model
+
+        model, ckpt = load_model(args.checkpoint)
+        print(f"# scoring {args.checkpoint} (step {ckpt.get('step')}); latent shape {model.config.latent_shape}, "
+              f"scale_factor {model.scale_factor:.4f}")
+        print(f"# config: text {model.config.text}; diffusion "
+              f"{ {k: v for k, v in model.config.diffusion.items() if k != 'unet'} }")
+        print(f"# unet {model.config.diffusion['unet']}")
+    else:
+        model = train_ldm(args, work)
     model.eval()
 
     j = judge.load_judge("shapes")

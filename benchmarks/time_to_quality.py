@@ -163,8 +163,9 @@ def plot(files, figure):
     print("|---|---|---|---|---|---|---|---|")
     for r, f in zip(runs, files):
         rows = r["rows"]
-        label = r["model"] + (" (+ autoencoder {:.0f} min)".format(r["autoencoder_train_s"] / 60)
-                              if r.get("autoencoder_train_s") else "")
+        label = {"ddpm": "pixel DDPM, class label", "ldm": "latent diffusion, text prompt"}[r["model"]]
+        if r.get("autoencoder_train_s"):
+            label += " (+ {:.0f} min for the autoencoder)".format(r["autoencoder_train_s"] / 60)
         t = [x["train_s"] / 60 for x in rows]
         ax[0].plot(t, [x["fd"] for x in rows], "o-", label=label)
         ax[1].plot(t, [x["accuracy"] for x in rows], "o-", label=label)

@@ -174,12 +174,13 @@ def test_latent_scaling_in_place():
 
 # ---------------------------------------------------------------------------- 7.3
 def make_t2i(*, null="empty", reverse=False, unscale="divide", clip=False, batched=True, grid=None,
-             ignore_x_T=False, guide=True):
-    """A learner-style text-to-image sampler; the keyword arguments inject one typical mistake."""
+             ignore_x_T=False, guide=True, pass_prediction_type=True, own_v_to_eps=False):
+    """A learner-style text-to-image sampler; the keyword arguments inject one typical mistake
+    (own_v_to_eps: a correct variant that turns v into eps itself and steps with "epsilon")."""
 
     def text_to_image(prompts, *, tokenizer, text_encoder, unet, alphas_cumprod, scale_factor, decode_fn,
                       latent_shape, guidance_scale=5.0, steps=25, x_T=None, generator=None,
-                      ddim_step=diffusion.ddim_step):
+                      ddim_step=diffusion.ddim_step, prediction_type="epsilon"):
         n = len(prompts)
         context = text_encoder(tokenizer.encode(prompts))
         if null == "empty":
@@ -203,6 +204,11 @@ def make_t2i(*, null="empty", reverse=False, unscale="divide", clip=False, batch
             else:
                 eps = e_u + guidance_scale * (e_c - e_u)
             kw = {} if clip else dict(clip_denoised=False)
+            if own_v_to_eps and prediction_type == "v":
+                ab = alphas_cumprod[tt].view(-1, 1, 1, 1)
+                eps = (1 - ab).sqrt() * z + ab.sqrt() * eps  # eps from v (float32)
+            elif pass_prediction_type:
+                kw["prediction_type"] = prediction_type
             z = ddim_step(z, tt, t_prev, eps, alphas_cumprod, eta=0.0, **kw)
         z = {"divide": z / scale_factor, "none": z, "multiply": z * scale_factor}[unscale]
         return decode_fn(z)
@@ -213,20 +219,22 @@ def make_t2i(*, null="empty", reverse=False, unscale="divide", clip=False, batch
 def test_text_to_image_correct(capsys):
     check.text_to_image(make_t2i())
     check.text_to_image(make_t2i(batched=False))  # two U-Net calls per step: also right
-    assert capsys.readouterr().out.count("✓ Exercise 7.3 text_to_image: passed") == 2
+    check.text_to_image(make_t2i(own_v_to_eps=True))  # converting v itself gives the same images
+    assert capsys.readouterr().out.count("✓ Exercise 7.3 text_to_image: passed") == 3
 
 
 def test_text_to_image_with_minigen_pieces(capsys):
     # minigen's guided_model_fn + sample_loop, with the encoded empty prompt as null_context
     def via_minigen(prompts, *, tokenizer, text_encoder, unet, alphas_cumprod, scale_factor, decode_fn,
-                    latent_shape, guidance_scale=5.0, steps=25, x_T=None, generator=None, ddim_step=None):
+                    latent_shape, guidance_scale=5.0, steps=25, x_T=None, generator=None, ddim_step=None,
+                    prediction_type="epsilon"):
         n = len(prompts)
         ctx = text_encoder(tokenizer.encode(prompts))
         null = text_encoder(tokenizer.encode([""] * n))
         model_fn = diffusion.guided_model_fn(unet, context=ctx, null_context=null, guidance_scale=guidance_scale)
         x_T = torch.randn((n, *latent_shape), generator=generator) if x_T is None else x_T
         z = diffusion.sample_loop(model_fn, x_T, alphas_cumprod, sampler="ddim", steps=steps,
-                                  ddim_step=ddim_step, clip_denoised=False)
+                                  ddim_step=ddim_step, clip_denoised=False, prediction_type=prediction_type)
         return decode_fn(z / scale_factor)
 
     check.text_to_image(via_minigen)
@@ -245,6 +253,7 @@ def test_text_to_image_stub():
     (make_t2i(clip=True), "never clip x0_hat in latent space"),
     (make_t2i(grid=lambda s: list(range(999, 0, -1000 // s))[:s]), "ddim_timesteps"),
     (make_t2i(ignore_x_T=True), "x_T"),
+    (make_t2i(pass_prediction_type=False), "ignores prediction_type"),
 ])
 def test_text_to_image_mistakes(answer, fragment):
     fails(check.text_to_image, answer, "Exercise 7.3", fragment)
@@ -252,14 +261,45 @@ def test_text_to_image_mistakes(answer, fragment):
 
 def test_text_to_image_no_guidance():
     def cond_only(prompts, *, tokenizer, text_encoder, unet, alphas_cumprod, scale_factor, decode_fn,
-                  latent_shape, guidance_scale=5.0, steps=25, x_T=None, generator=None, ddim_step=None):
+                  latent_shape, guidance_scale=5.0, steps=25, x_T=None, generator=None, ddim_step=None,
+                  prediction_type="epsilon"):
         return make_t2i(guide=False)(prompts, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
                                      alphas_cumprod=alphas_cumprod, scale_factor=scale_factor,
                                      decode_fn=decode_fn, latent_shape=latent_shape,
                                      guidance_scale=guidance_scale, steps=steps, x_T=x_T,
-                                     generator=generator, ddim_step=ddim_step)
+                                     generator=generator, ddim_step=ddim_step, prediction_type=prediction_type)
 
     fails(check.text_to_image, cond_only, "Exercise 7.3", "no guidance")
+
+
+def test_text_to_image_v_treated_as_eps_message():
+    msg = fails(check.text_to_image, make_t2i(pass_prediction_type=False), "Exercise 7.3", "prediction_type=\"v\"",
+                "treats the U-Net's output as eps", "x0_hat = sqrt(abar) z_t - sqrt(1 - abar) v")
+    assert "['epsilon']" in msg  # it names what ddim_step was told
+
+
+def test_text_to_image_hardcoded_epsilon():
+    # passing a fixed "epsilon" is the same mistake as dropping the keyword
+    def hardcoded(prompts, *, prediction_type="epsilon", **kw):
+        return make_t2i()(prompts, prediction_type="epsilon", **kw)
+
+    fails(check.text_to_image, hardcoded, "Exercise 7.3", "ignores prediction_type")
+
+
+def test_text_to_image_without_prediction_type_keyword():
+    def old_signature(prompts, *, tokenizer, text_encoder, unet, alphas_cumprod, scale_factor, decode_fn,
+                      latent_shape, guidance_scale=5.0, steps=25, x_T=None, generator=None, ddim_step=None):
+        raise AssertionError("the check should not get this far")
+
+    fails(check.text_to_image, old_signature, "Exercise 7.3", "no `prediction_type` keyword")
+
+
+def test_text_to_image_v_guidance_reversed_only_for_v():
+    # right for eps, but for v it combines the outputs the wrong way round
+    def v_reversed(prompts, *, prediction_type="epsilon", **kw):
+        return make_t2i(reverse=prediction_type == "v")(prompts, prediction_type=prediction_type, **kw)
+
+    fails(check.text_to_image, v_reversed, "Exercise 7.3", "wrong way round for v")
 
 
 def test_text_to_image_no_context():

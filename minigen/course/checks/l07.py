@@ -12,12 +12,17 @@ Conventions checked (latent-diffusion / Stable Diffusion, diffusers):
     latent scaling    scale_factor = 1 / std(latents)  (one number over all elements)
                       encode: z = scale_factor * E(x);  decode: x = D(z / scale_factor)
     text-to-image     context = text_encoder(tokenizer(prompts)), null = text_encoder(tokenizer(""))
-                      eps = eps_uncond + w (eps_cond - eps_uncond), DDIM (eta = 0, no clipping in
-                      latent space), then decode(z / scale_factor)
+                      out = out_uncond + w (out_cond - out_uncond), DDIM (eta = 0, no clipping in
+                      latent space), then decode(z / scale_factor). The U-Net's output is eps or v
+                      (prediction_type); guidance combines either linearly, and the DDIM step turns
+                      it into x0_hat, eps_hat:  eps: x0 = (z_t - sqrt(1-ab) eps) / sqrt(ab)
+                                                 v:   x0 = sqrt(ab) z_t - sqrt(1-ab) v,
+                                                      eps = sqrt(1-ab) z_t + sqrt(ab) v
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -377,7 +382,7 @@ def _linear_abar(T=1000):
 
 
 def _make_ddim_step(log):
-    """The DDIM step handed to the learner (written here; eta = 0 path, optional clipping)."""
+    """The DDIM step handed to the learner (written here; eps or v output, optional clipping)."""
 
     def ddim_step(x_t, t, t_prev, model_output, alphas_cumprod, *, eta=0.0, noise=None, clip_denoised=True,
                   generator=None, prediction_type="epsilon"):
@@ -385,11 +390,19 @@ def _make_ddim_step(log):
         t = torch.as_tensor(t).long()
         t = t.expand(n) if t.ndim == 0 else t
         t_prev = int(t_prev)
-        log.append(dict(t=t.clone(), t_prev=t_prev, eta=eta, clip=bool(clip_denoised)))
+        log.append(dict(t=t.clone(), t_prev=t_prev, eta=eta, clip=bool(clip_denoised),
+                        prediction_type=prediction_type))
         ab = alphas_cumprod.double()[t].view(-1, 1, 1, 1)
         abp = torch.tensor(1.0, dtype=torch.float64) if t_prev < 0 else alphas_cumprod.double()[t_prev]
-        x, e = x_t.double(), model_output.double()
-        x0 = (x - (1 - ab).sqrt() * e) / ab.sqrt()
+        x, out = x_t.double(), model_output.double()
+        if prediction_type == "epsilon":
+            e = out
+            x0 = (x - (1 - ab).sqrt() * e) / ab.sqrt()
+        elif prediction_type == "v":  # v = sqrt(ab) eps - sqrt(1 - ab) x0
+            x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
+            e = (1 - ab).sqrt() * x + ab.sqrt() * out
+        else:
+            raise ValueError(f"this check's ddim_step knows prediction_type 'epsilon' and 'v', got {prediction_type!r}")
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
             e = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
@@ -403,9 +416,12 @@ def _make_ddim_step(log):
     return ddim_step
 
 
-def _reference_pipeline(prompts, tok, enc, unet, ab, sf, dec, x_T, w, steps, *, null="empty",
-                        reverse=False, unscale="divide", clip=False, guide=True):
+def _reference_pipeline(prompts, tok, enc, unet, ab, sf, dec, x_T, w, steps, *, prediction_type="epsilon",
+                        null="empty", reverse=False, unscale="divide", clip=False, guide=True):
     """The reference text-to-image sampler; the keywords build the wrong variants.
+
+    Guidance combines the U-Net's outputs linearly whatever they are (eps or v): at a fixed
+    z_t, eps_hat and x0_hat are affine in the output, so guiding v is guiding eps.
 
     Returns (images, final latents before unscaling)."""
     step = _make_ddim_step([])
@@ -424,15 +440,24 @@ def _reference_pipeline(prompts, tok, enc, unet, ab, sf, dec, x_T, w, steps, *, 
             eps = e_c + w * (e_u - e_c)
         else:
             eps = e_u + w * (e_c - e_u)
-        z = step(z, tt, t_prev, eps, ab, eta=0.0, clip_denoised=clip)
+        z = step(z, tt, t_prev, eps, ab, eta=0.0, clip_denoised=clip, prediction_type=prediction_type)
     z_in = {"divide": z / sf, "none": z, "multiply": z * sf}[unscale]
     return dec(z_in), z
 
 
 def text_to_image(fn) -> None:
-    """Exercise 7.3: tokenize, encode, DDIM with classifier-free guidance, unscale, decode."""
+    """Exercise 7.3: tokenize, encode, DDIM with classifier-free guidance, unscale, decode;
+    the U-Net's output is eps or v (prediction_type, passed on to ddim_step)."""
     ex = Exercise("7.3", "text_to_image")
     ex.callable(fn)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: let the calls below tell
+        params = None
+    if params is not None and "prediction_type" not in params and not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        ex.fail("your function has no `prediction_type` keyword; add prediction_type=\"epsilon\" to its "
+                "signature and pass it on to ddim_step (the lesson's model predicts v)")
     g = torch.Generator().manual_seed(73)
     latent_shape = (4, 4, 4)
     tok = _FakeTokenizer(max_length=8)
@@ -513,6 +538,23 @@ def text_to_image(fn) -> None:
     if not dec_in or not torch.allclose(dec_in[-1], z_final / sf, atol=1e-4, rtol=1e-4):
         ex.fail("decode_fn did not receive the final latents divided by scale_factor")
 
+    # the same pipeline for a v-predicting U-Net: guidance is the same linear combination of
+    # the two outputs, and ddim_step must be told that they are v
+    out_v = run(x_T=x_T.clone(), prediction_type="v")
+    out_v = ex.tensor(out_v, shape=(n, 3, 16, 16), dtype=torch.float32, what="the images (prediction_type=\"v\")")
+    told = [s["prediction_type"] for s in step_log]
+    ref_v = _reference_pipeline(prompts, tok, enc, unet, ab, sf, dec_conv, x_T, w, steps, prediction_type="v")[0]
+    as_eps = ("with prediction_type=\"v\" your pipeline treats the U-Net's output as eps (ddim_step was told "
+              f"{sorted(set(told)) or 'nothing'}): it ignores prediction_type. Pass it on, "
+              "ddim_step(..., prediction_type=prediction_type): the step turns v into "
+              "x0_hat = sqrt(abar) z_t - sqrt(1 - abar) v and eps_hat = sqrt(1 - abar) z_t + sqrt(abar) v")
+    ex.close(out_v, ref_v, atol=1e-4, rtol=1e-4, what="the images with prediction_type=\"v\"", mistakes=[
+        (out, as_eps),  # identical to the eps run: prediction_type was dropped on the way
+        (_reference_pipeline(prompts, tok, enc, unet, ab, sf, dec_conv, x_T, w, steps, prediction_type="v",
+                             reverse=True)[0],
+         "guidance is applied the wrong way round for v as well: out = out_uncond + w (out_cond - out_uncond)"),
+    ])
+
     # without x_T: draw the starting noise N(0, I) of shape (n, *latent_shape) yourself
     many = ["a red circle"] * 64
     unet.calls.clear()
@@ -527,4 +569,5 @@ def text_to_image(fn) -> None:
         ex.fail(f"the first U-Net call got latents of shape {_fmt_shape(first.shape)}, "
                 f"expected (64, {', '.join(map(str, latent_shape))}) (or twice the batch with guidance)")
     ex.mean_std(first, 0.0, 1.0, what="the starting latents x_T (not given)")
-    ex.passed("empty-prompt null condition, CFG direction, DDIM grid without clipping, unscale before decode")
+    ex.passed("empty-prompt null condition, CFG direction, DDIM grid without clipping, eps and v, "
+              "unscale before decode")
