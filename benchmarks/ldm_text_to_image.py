@@ -22,7 +22,6 @@ Run with OMP_NUM_THREADS=1 on a shared 2-core machine. Defaults are the module's
 """
 
 import argparse
-import ast
 import datetime
 import os
 import platform
@@ -33,17 +32,7 @@ import torch
 
 import minigen
 from minigen import data, judge, ldm, train, vqgan
-
-
-def parse_set(pairs):
-    out = {}
-    for pair in pairs or []:
-        k, v = pair.split("=", 1)
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
+from minigen.cli import _parse_overrides as parse_set  # --set key=value, as the CLI reads it
 
 
 def train_vqgan(work: Path, steps: int, n_train: int, seed: int) -> Path:

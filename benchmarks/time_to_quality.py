@@ -20,7 +20,6 @@ OMP_NUM_THREADS=1 (one job per core on the shared 2-core machine).
 """
 
 import argparse
-import ast
 import copy
 import datetime
 import json
@@ -33,17 +32,7 @@ import torch
 
 import minigen
 from minigen import data, judge, metrics, train
-
-
-def parse_set(pairs):
-    out = {}
-    for pair in pairs or []:
-        k, v = pair.split("=", 1)
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
+from minigen.cli import _parse_overrides as parse_set  # --set key=value, as the CLI reads it
 
 
 def autoencoder_seconds(path: Path):
