@@ -5,7 +5,7 @@
     minigen train vae --data digits --steps 2000 --out runs/vae
     minigen train ddpm --data path/to/my/images --size 32 --out runs/art
     minigen sample runs/vae/checkpoint.pt --n 64 --out samples.png
-    minigen train vqgan --data shapes --out runs/vqgan  # then latent diffusion on its latents:
+    minigen train vqgan --data shapes --set code_dim=4 --out runs/vqgan  # then latent diffusion:
     minigen train ldm --data shapes --set autoencoder=runs/vqgan/checkpoint.pt --out runs/ldm
     minigen sample runs/ldm --prompt "a small red circle on a blue background" --guidance 3 --n 16
     minigen tour                           # train every family briefly, write a report

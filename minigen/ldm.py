@@ -603,8 +603,8 @@ def build(overrides, image_shape, num_classes=None, *, dataset=None) -> LatentDi
     ae = overrides.pop("autoencoder", None)
     if ae is None:
         raise ValueError("latent diffusion needs a trained autoencoder: first `minigen train vqgan --data shapes "
-                         "--out runs/vqgan`, then `minigen train ldm --data shapes --set "
-                         "autoencoder=runs/vqgan/checkpoint.pt`")
+                         "--set code_dim=4 --out runs/vqgan` (4x8x8 latents), then `minigen train ldm "
+                         "--data shapes --set autoencoder=runs/vqgan/checkpoint.pt`")
     if dataset is not None and getattr(dataset, "captions", None) is None:
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has no captions: text-to-image latent "
                          f"diffusion needs captioned images (--data shapes)")
