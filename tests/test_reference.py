@@ -112,6 +112,7 @@ def test_quick_smoke_run_into_tmp(tmp_path, capsys):
     m = reference.manifest(out)
     assert list(m["models"]) == ["vae"] and m["models"]["vae"]["quick"]
     assert m["models"]["vae"]["train_steps"] == reference.QUICK["steps"]
+    assert isinstance(m["models"]["vae"]["final_loss"], float)
     model = reference.load("vae", root=out)
     assert model.sample(2).shape == (2, 3, 32, 32)
     assert "[vae]" in capsys.readouterr().out
