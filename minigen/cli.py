@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import os
 import sys
 from pathlib import Path
 
@@ -131,7 +130,7 @@ def cmd_train(args) -> int:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     what = f"{nparams / 1e6:.2f}M trainable parameters" + (f", {frozen / 1e6:.2f}M frozen" if frozen else "")
     # under torchrun every process runs this command: report once, from rank 0
-    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    say = print if train._dist_env()[1] == 0 else (lambda *a, **k: None)
     say(f"training {args.model} ({what}) on {args.data} "
         f"({len(ds)} images {tuple(ds.image_shape)}) for {cfg.steps} steps -> {args.out}")
     result = train.fit(model, train_data, cfg)
