@@ -8,6 +8,11 @@ the speed relative to the baseline and the fraction of the matmul rate (3 x forw
     python benchmarks/unet_variants.py                       # 1 thread, batch 32, 5 rounds
     python benchmarks/unet_variants.py --threads 2 --batch 64
     python benchmarks/unet_variants.py --profile             # where the baseline's time goes
+
+Two variants are not speed-ups but upper bounds, to price a part of the step: "no 1x1
+shortcuts" replaces every ResnetBlock's 1x1 nin_shortcut conv by a free channel slice/repeat,
+"no GroupNorm" every GroupNorm by the identity. The time they save is what that part costs;
+no faster implementation of it can save more.
 """
 
 import argparse
@@ -15,16 +20,42 @@ import statistics
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from minigen.nn import ResnetBlock
 from minigen.train import _tune_malloc
 from minigen.unet import UNet, UNetConfig
 
 
-def variant(x, t, noise, channels_last=False, fused=None):
+class _MatchChannels(nn.Module):
+    """A free stand-in for a 1x1 conv: the first `out` channels, repeating them if too few."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        reps = -(-self.out // x.shape[1])
+        return (x.repeat(1, reps, 1, 1) if reps > 1 else x)[:, : self.out]
+
+
+def _ablate(model, what):
+    for module in list(model.modules()):
+        if what == "shortcuts" and isinstance(module, ResnetBlock) and module.nin_shortcut is not None:
+            module.nin_shortcut = _MatchChannels(module.out_channels)
+        if what == "groupnorm":
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.GroupNorm):
+                    setattr(module, name, nn.Identity())
+
+
+def variant(x, t, noise, channels_last=False, fused=None, ablate=None):
     torch.manual_seed(0)
     model = UNet(UNetConfig(channels_last=channels_last))
+    if ablate:
+        _ablate(model, ablate)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
 
     def step():
@@ -61,6 +92,8 @@ def main():
         "baseline": variant(x, t, noise),
         "channels_last": variant(x, t, noise, channels_last=True),
         "fused AdamW (CPU)": variant(x, t, noise, fused=True),
+        "no 1x1 shortcuts (bound)": variant(x, t, noise, ablate="shortcuts"),
+        "no GroupNorm (bound)": variant(x, t, noise, ablate="groupnorm"),
     }
     model = variants["baseline"][0]
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -88,7 +121,7 @@ def main():
           f"matmul {mm_med:.0f} GFLOP/s (median of {args.rounds}), {time.strftime('%Y-%m-%d %H:%M')}")
     for k, v in times.items():
         med = statistics.median(v)
-        print(f"{k:<20} {1e3 * med:7.0f} ms/step {b / med:7.1f} img/s  x{base / med:.3f} vs baseline  "
+        print(f"{k:<26} {1e3 * med:7.0f} ms/step {b / med:7.1f} img/s  x{base / med:.3f} vs baseline  "
               f"{3 * fwd * b / med / 1e9 / mm_med:.0%} of matmul")
 
 
