@@ -497,12 +497,25 @@ _BUILTIN = {
 }
 
 
+# A cache file is trusted only if its first images are the ones the generator draws now: the
+# version in the file name catches a deliberate change, this catches everything else (a cache
+# written before an unversioned change, or digits drawn with another Pillow/font, which render
+# the glyphs slightly differently). Regenerating _CACHE_CHECK images takes ~20 ms.
+_CACHE_CHECK = 64
+
+
+def _cache_matches_generator(images: torch.Tensor, make, seed: int) -> bool:
+    k = min(_CACHE_CHECK, len(images))
+    return torch.equal(images[:k], make(k, seed).images)
+
+
 def _load_builtin(name: str, split: str, n: int | None, root) -> ImageDataset:
     make, version, splits = _BUILTIN[name]
     total, seed = splits[split]
     if n is not None:
         _check_n(n, total, name)
     path = cache_dir(root) / f"{name}-v{version}-{split}-n{total}-seed{seed}.pt"
+    d = None
     if path.exists():
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
@@ -510,7 +523,14 @@ def _load_builtin(name: str, split: str, n: int | None, root) -> ImageDataset:
                 raise ValueError("wrong length")
         except Exception as e:  # a truncated/foreign file: regenerate rather than fail
             warnings.warn(f"ignoring unreadable cache file {path} ({e}); regenerating it")
+            d = None
         else:
+            if not _cache_matches_generator(d["images"], make, seed):
+                warnings.warn(f"ignoring cache file {path}: its first {_CACHE_CHECK} images differ from what "
+                              f"this minigen's {name} generator draws (it was written by another version of "
+                              "the generator, or with another Pillow/matplotlib for digits); regenerating it")
+                d = None
+        if d is not None:
             ds = (_shapes_dataset(d["images"], d["attributes"]) if name == "shapes" else
                   ImageDataset(name, d["images"], d["labels"], [str(i) for i in range(10)]))
             return ds if n is None else ds.head(n)

@@ -9,6 +9,7 @@ file and its sha256, the exact command, the config, the training time and the me
     python -m minigen.reference --threads 1          # everything: ~25 CPU-minutes of training + measuring
     python -m minigen.reference --only vqgan ddpm    # some families (their dependencies must exist)
     python -m minigen.reference --quick              # a tiny smoke run into a temporary folder
+    python -m minigen.reference --evaluate           # re-measure the shipped files (no training)
 
     from minigen import reference
     vqgan = reference.load("vqgan")                  # eval mode, sha256 checked
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import tempfile
@@ -221,6 +223,15 @@ def _write_manifest(out: Path, name: str, entry: dict) -> None:
     tmp.replace(p)
 
 
+def _rounded(metrics: dict) -> dict:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    """sha256 of the uint8 test images the metrics are measured on."""
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -234,7 +245,10 @@ class _Run:
         self.n_train = QUICK["n_train"] if quick else N_TRAIN
         self.n_eval = QUICK["n_eval"] if quick else N_EVAL
         self.train_set = data.load_dataset(DATASET, split="train", n=self.n_train)
-        self.x_test, self.y_test = data.load_dataset(DATASET, split="test", n=self.n_eval).tensors()
+        test = data.load_dataset(DATASET, split="test", n=self.n_eval)
+        self.x_test, self.y_test = test.tensors()
+        # which images the metrics were measured on: a changed generator shows up here first
+        self.test_sha256 = images_sha256(test.images)
         self.num_classes = len(self.train_set.classes)
 
     def train_kwargs(self, name: str) -> dict:
@@ -277,8 +291,9 @@ class _Run:
                                                     "lr_schedule", "grad_clip", "ema_decay", "seed")}),
             "train_steps": result.step, "train_seconds": round(wall, 1), "train_cpu_seconds": round(cpu, 1),
             "final_loss": next((round(float(last[k]), 5) for k in ("loss", "loss_g") if k in last), None),
-            "metrics": {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()},
+            "metrics": _rounded(metrics),
             "eval_seconds": round(time.perf_counter() - t0, 1),
+            "test_images_sha256": self.test_sha256,
             "parameter_dtype": "float16",
             "threads": torch.get_num_threads(),
             **(extra or {}),
@@ -360,39 +375,41 @@ def _class_labels(n: int, num_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- families
 
 
+def measure_vae(run: _Run, m) -> dict:
+    g = torch.Generator().manual_seed(SEED)
+    z = torch.randn(run.n_eval, m.config.latent_dim, generator=g)
+    x, secs = _timed(lambda: m.sample(run.n_eval, z=z))
+    ev = m.evaluate(run.x_test)
+    return {**reconstruction_metrics(m, run.x_test), "test_elbo_nats": ev["elbo"],
+            "test_bits_per_dim": ev["bits_per_dim"],
+            **sample_metrics(x, None, run.x_test, secs / len(x))}
+
+
 def train_vae(run: _Run) -> dict:
     from minigen import train, vae
 
     train.set_seed(SEED)
     model = vae.build(SPECS["vae"]["model"], run.train_set.image_shape)
     fit_out = run.fit(model, run.train_set, "vae")
+    return run.finish("vae", model, fit_out, lambda m: measure_vae(run, m), {"sampler": "z ~ N(0, I), decoder mean"})
 
-    def measure(m):
-        g = torch.Generator().manual_seed(SEED)
-        z = torch.randn(run.n_eval, m.config.latent_dim, generator=g)
-        x, secs = _timed(lambda: m.sample(run.n_eval, z=z))
-        ev = m.evaluate(run.x_test)
-        return {**reconstruction_metrics(m, run.x_test), "test_elbo_nats": ev["elbo"],
-                "test_bits_per_dim": ev["bits_per_dim"],
-                **sample_metrics(x, None, run.x_test, secs / len(x))}
 
-    return run.finish("vae", model, fit_out, measure, {"sampler": "z ~ N(0, I), decoder mean"})
+def measure_vq(run: _Run, m) -> dict:
+    from minigen import metrics
+
+    idx = torch.cat([m.encode(xb)[1] for xb in run.x_test.split(250)])
+    usage = metrics.codebook_usage(idx, m.config.num_codes)
+    return {**reconstruction_metrics(m, run.x_test), "codebook_perplexity": usage.perplexity,
+            "codes_used": usage.fraction_used}
 
 
 def _train_vq(run: _Run, name: str, module) -> dict:
-    from minigen import metrics, train
+    from minigen import train
 
     train.set_seed(SEED)
     model = module.build(SPECS[name]["model"], run.train_set.image_shape)
     fit_out = run.fit(model, run.train_set, name)
-
-    def measure(m):
-        idx = torch.cat([m.encode(xb)[1] for xb in run.x_test.split(250)])
-        usage = metrics.codebook_usage(idx, m.config.num_codes)
-        return {**reconstruction_metrics(m, run.x_test), "codebook_perplexity": usage.perplexity,
-                "codes_used": usage.fraction_used}
-
-    return run.finish(name, model, fit_out, measure)
+    return run.finish(name, model, fit_out, lambda m: measure_vq(run, m))
 
 
 def train_vqvae(run: _Run) -> dict:
@@ -419,6 +436,14 @@ def sample_prior(prior, autoencoder, labels: torch.Tensor, *, temperature=1.0, t
     return torch.cat(out)
 
 
+def measure_prior(run: _Run, name: str, m, ae=None) -> dict:
+    ae = ae if ae is not None else load(DEPENDS[name], root=run.out)
+    labels = _class_labels(run.n_eval, run.num_classes)
+    g = torch.Generator().manual_seed(SEED)
+    xs, secs = _timed(lambda: sample_prior(m, ae, labels, generator=g, **SPECS[name]["sample"]))
+    return sample_metrics(xs, labels, run.x_test, secs / len(xs))
+
+
 def _train_prior(run: _Run, name: str) -> dict:
     from minigen import train
     from minigen.transformer import GPT, GPTConfig, PriorDataset
@@ -433,14 +458,7 @@ def _train_prior(run: _Run, name: str) -> dict:
     model = GPT(GPTConfig(vocab_size=ae.config.num_codes, block_size=codes[0].numel(),
                           num_classes=run.num_classes, **spec["model"]))
     fit_out = run.fit(model, PriorDataset(codes, y), name)
-
-    def measure(m):
-        labels = _class_labels(run.n_eval, run.num_classes)
-        g = torch.Generator().manual_seed(SEED)
-        xs, secs = _timed(lambda: sample_prior(m, ae, labels, generator=g, **spec["sample"]))
-        return sample_metrics(xs, labels, run.x_test, secs / len(xs))
-
-    return run.finish(name, model, fit_out, measure,
+    return run.finish(name, model, fit_out, lambda m: measure_prior(run, name, m, ae),
                       {"sampler": {**spec["sample"], "decoder": f"reference {ae_name}"}})
 
 
@@ -452,6 +470,13 @@ def train_vqgan_prior(run: _Run) -> dict:
     return _train_prior(run, "vqgan_prior")
 
 
+def measure_ddpm(run: _Run, m) -> dict:
+    labels = _class_labels(run.n_eval, run.num_classes)
+    g = torch.Generator().manual_seed(SEED)
+    xs, secs = _timed(lambda: torch.cat([m.sample(len(yb), y=yb, generator=g) for yb in labels.split(250)]))
+    return sample_metrics(xs, labels, run.x_test, secs / len(xs))
+
+
 def train_ddpm(run: _Run) -> dict:
     from minigen import diffusion, train
 
@@ -461,17 +486,25 @@ def train_ddpm(run: _Run) -> dict:
         overrides["sample_steps"] = QUICK["sample_steps"]
     model = diffusion.build(overrides, run.train_set.image_shape, run.num_classes)
     fit_out = run.fit(model, run.train_set, "ddpm")
-
-    def measure(m):
-        labels = _class_labels(run.n_eval, run.num_classes)
-        g = torch.Generator().manual_seed(SEED)
-        xs, secs = _timed(lambda: torch.cat([m.sample(len(yb), y=yb, generator=g) for yb in labels.split(250)]))
-        return sample_metrics(xs, labels, run.x_test, secs / len(xs))
-
     c = SPECS["ddpm"]["model"]
-    return run.finish("ddpm", model, fit_out, measure,
+    return run.finish("ddpm", model, fit_out, lambda m: measure_ddpm(run, m),
                       {"sampler": {"sampler": "ddim", "steps": c["sample_steps"], "eta": 0.0,
                                    "guidance_scale": c["guidance_scale"]}})
+
+
+def measure_ldm(run: _Run, m, steps: int) -> dict:
+    from minigen import data, judge, ldm
+
+    spec = SPECS["ldm"]["sample"]
+    test = data.load_dataset(DATASET, split="test", n=run.n_eval)
+    prompts = list(test.captions[:run.n_eval])
+    g = torch.Generator().manual_seed(SEED)
+    xs, secs = _timed(lambda: torch.cat([
+        m.sample(prompts[i:i + 250], guidance_scale=spec["guidance_scale"], steps=steps, generator=g)
+        for i in range(0, len(prompts), 250)]))
+    out = sample_metrics(xs, test.labels[:run.n_eval], run.x_test, secs / len(xs))
+    out["caption_accuracy"] = ldm.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
+    return out
 
 
 def train_ldm(run: _Run) -> dict:
@@ -492,24 +525,45 @@ def train_ldm(run: _Run) -> dict:
     fit_out = run.fit(model, latents, "ldm")
     spec = SPECS["ldm"]["sample"]
     steps = QUICK["sample_steps"] if run.quick else spec["steps"]
-
-    def measure(m):
-        from minigen import data, judge
-
-        test = data.load_dataset(DATASET, split="test", n=run.n_eval)
-        prompts = list(test.captions[:run.n_eval])
-        g = torch.Generator().manual_seed(SEED)
-        xs, secs = _timed(lambda: torch.cat([
-            m.sample(prompts[i:i + 250], guidance_scale=spec["guidance_scale"], steps=steps, generator=g)
-            for i in range(0, len(prompts), 250)]))
-        out = sample_metrics(xs, test.labels[:run.n_eval], run.x_test, secs / len(xs))
-        out["caption_accuracy"] = ldm.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
-        return out
-
-    return run.finish("ldm", model, fit_out, measure,
+    return run.finish("ldm", model, fit_out, lambda m: measure_ldm(run, m, steps),
                       {"sampler": {"sampler": "ddim", "steps": steps, "guidance_scale": spec["guidance_scale"],
                                    "prompts": "captions of the first test images"},
                        "autoencoder": "reference vqgan"})
+
+
+def measure(run: _Run, name: str, model) -> dict:
+    """The metrics of reference model `name` (as loaded from its file), as training records them."""
+    if name == "vae":
+        return measure_vae(run, model)
+    if name in ("vqvae", "vqgan"):
+        return measure_vq(run, model)
+    if name in ("vqvae_prior", "vqgan_prior"):
+        return measure_prior(run, name, model)
+    if name == "ddpm":
+        return measure_ddpm(run, model)
+    steps = manifest(run.out)["models"][name]["sampler"]["steps"]  # the sampler it was measured with
+    return measure_ldm(run, model, steps)
+
+
+def evaluate(run: _Run, names) -> None:
+    """Re-measure shipped checkpoints without retraining them, updating their manifest entries
+    in place: the metrics, the test images' sha256 and an `evaluated` record (the training
+    record -- steps, seconds, date -- is kept). For when the data or the metric code changed."""
+    for name in names:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            metrics = measure(run, name, load(name, root=run.out))
+        entry = manifest(run.out)["models"][name]
+        old = entry["metrics"]
+        entry["metrics"] = _rounded(metrics)
+        entry["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        entry["test_images_sha256"] = run.test_sha256
+        entry["evaluated"] = {"command": f"{COMMAND} --evaluate --only {name}", "threads": torch.get_num_threads(),
+                              "torch_version": torch.__version__, "minigen_version": _versions()["minigen"],
+                              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write_manifest(run.out, name, entry)
+        changed = {k: (old.get(k), v) for k, v in entry["metrics"].items() if old.get(k) != v}
+        print(f"[{name}] re-measured in {entry['eval_seconds']} s; changed (was, now): {json.dumps(changed)}", flush=True)
 
 
 TRAINERS = {"vae": train_vae, "vqvae": train_vqvae, "vqvae_prior": train_vqvae_prior, "vqgan": train_vqgan,
@@ -530,6 +584,8 @@ def main(argv=None) -> int:
                    "with --quick: a new temporary folder)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds per family) into a temporary folder")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="re-measure the checkpoints already in --out (no training) and update their metrics")
     args = p.parse_args(argv)
 
     if args.threads is not None:
@@ -544,6 +600,21 @@ def main(argv=None) -> int:
         out = WEIGHTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     names = [n for n in TRAIN_ORDER if n in (args.only or NAMES)]
+    if args.evaluate:
+        try:
+            entries = manifest(out)["models"]
+            for name in names:
+                path(name, out)
+        except ReferenceError as e:
+            p.error(f"--evaluate re-measures existing checkpoints: {e}")
+        quick = {entries[n]["quick"] for n in names}
+        if len(quick) > 1 or (args.quick and quick != {True}):
+            p.error("--evaluate measures each checkpoint as it was built; these mix --quick and full builds"
+                    if len(quick) > 1 else "--quick with --evaluate: these checkpoints are from a full build")
+        t0 = time.perf_counter()
+        evaluate(_Run(out, quick.pop()), names)
+        print(f"re-measured {len(names)} in {(time.perf_counter() - t0) / 60:.1f} min; {out / MANIFEST}", flush=True)
+        return 0
     for name in names:
         dep = DEPENDS.get(name)
         if dep and dep not in names:

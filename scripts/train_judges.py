@@ -2,6 +2,7 @@
 
     python scripts/train_judges.py                    # both judges, ~ a few minutes on 2 cores
     python scripts/train_judges.py --dataset digits   # one judge; the other's entry is kept
+    python scripts/train_judges.py --evaluate         # re-measure the shipped judges (no training)
 
 For each built-in dataset this trains `minigen.judge.Judge` on the train split minus its
 last 5,000 images (held out, so the real-vs-real baseline never uses images the judge was
@@ -69,6 +70,48 @@ def evaluate(judge: Judge, images_u8: torch.Tensor, labels: torch.Tensor, batch_
     }
 
 
+def measure(judge: Judge, name: str, test, x_hold: torch.Tensor, args) -> tuple[dict, dict]:
+    """Test accuracy on the whole test split, and the real-vs-real baselines."""
+    result = evaluate(judge, test.images, test.labels)
+    print(f"[{name}] test accuracy {result['test_accuracy']:.4%} {result['test_accuracy_per_head']}", flush=True)
+
+    # real-vs-real: test[:n] vs held-out train[-n:], at the two sample sizes we report FD at
+    f_test = extract_features(judge, from_uint8(test.images[: max(args.baseline_sizes)]))
+    f_hold = extract_features(judge, from_uint8(x_hold))
+    baseline = {}
+    for n in args.baseline_sizes:
+        a, b = f_test[:n], f_hold[-n:]
+        fd = metrics.frechet_distance(a, b)
+        kid_mean, kid_std = metrics.kid(a, b, subset_size=min(1000, n), num_subsets=100, seed=args.seed)
+        precision, recall = metrics.precision_recall(a, b, k=3)
+        baseline[str(n)] = {"fd": fd, "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": min(1000, n),
+                            "precision": precision, "recall": recall}
+        print(f"[{name}] real-vs-real n={n}: FD {fd:.4f}  KID {kid_mean:.2e} ± {kid_std:.1e}  "
+              f"P {precision:.3f} R {recall:.3f}", flush=True)
+    return result, baseline
+
+
+def re_measure(name: str, args, entry: dict) -> dict:
+    """--evaluate: the shipped judge's test accuracy and baselines on the images this minigen
+    draws now (the judge itself is not retrained; its training record is kept)."""
+    import matplotlib
+    import PIL
+
+    from minigen.judge import load_judge
+
+    train = load_dataset(name, split="train")
+    test = load_dataset(name, split="test")
+    result, baseline = measure(load_judge(name), name, test, train.images[-args.holdout:], args)
+    return {**entry, **result, "real_vs_real": baseline,
+            "evaluated": {"command": f"python scripts/train_judges.py --evaluate --dataset {name}",
+                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                          "torch_version": torch.__version__, "minigen_version": minigen.__version__,
+                          "python": platform.python_version(), "threads": torch.get_num_threads(),
+                          # digits are drawn with matplotlib's fonts through Pillow's FreeType:
+                          # another version of either can move a few pixels, and these figures
+                          "pillow": PIL.__version__, "matplotlib": matplotlib.__version__}}
+
+
 def train_one(name: str, args) -> tuple[Judge, dict]:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -117,23 +160,7 @@ def train_one(name: str, args) -> tuple[Judge, dict]:
     train_seconds = time.time() - t0
     judge.eval().requires_grad_(False)
 
-    result = evaluate(judge, test.images, test.labels)
-    print(f"[{name}] test accuracy {result['test_accuracy']:.4%} {result['test_accuracy_per_head']}", flush=True)
-
-    # real-vs-real: test[:n] vs held-out train[-n:], at the two sample sizes we report FD at
-    f_test = extract_features(judge, from_uint8(test.images[: max(args.baseline_sizes)]))
-    f_hold = extract_features(judge, from_uint8(x_hold))
-    baseline = {}
-    for n in args.baseline_sizes:
-        a, b = f_test[:n], f_hold[-n:]
-        fd = metrics.frechet_distance(a, b)
-        kid_mean, kid_std = metrics.kid(a, b, subset_size=min(1000, n), num_subsets=100, seed=args.seed)
-        precision, recall = metrics.precision_recall(a, b, k=3)
-        baseline[str(n)] = {"fd": fd, "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": min(1000, n),
-                            "precision": precision, "recall": recall}
-        print(f"[{name}] real-vs-real n={n}: FD {fd:.4f}  KID {kid_mean:.2e} ± {kid_std:.1e}  "
-              f"P {precision:.3f} R {recall:.3f}", flush=True)
-
+    result, baseline = measure(judge, name, test, x_hold, args)
     info = {
         **result,
         "test_images": len(test),
@@ -163,6 +190,8 @@ def main(argv=None) -> None:
     p.add_argument("--baseline-sizes", type=int, nargs="+", default=[1000, 5000])
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="re-measure the shipped judges' accuracy and baselines without retraining them")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,6 +201,12 @@ def main(argv=None) -> None:
     json_path = args.out / "judges.json"
     record = json.loads(json_path.read_text()) if json_path.exists() else {}
     for name in args.dataset or sorted(JUDGE_CONFIGS):
+        if args.evaluate:
+            if name not in record:
+                p.error(f"--evaluate: no {name} judge recorded in {json_path}; train it first")
+            record[name] = re_measure(name, args, record[name])
+            json_path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+            continue
         judge, info = train_one(name, args)
         path = args.out / f"judge_{name}.pt"
         save_judge(judge, path)

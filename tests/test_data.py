@@ -300,10 +300,42 @@ def small_builtins(monkeypatch):
 
 
 def _forbid_generation(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("regenerated although the cache should have been used")
+    """Only the cache check's few images may be drawn, never a whole split."""
     for name, (make, version, splits) in list(data._BUILTIN.items()):
-        monkeypatch.setitem(data._BUILTIN, name, (boom, version, splits))
+        def guarded(n, seed=0, make=make):
+            if n > data._CACHE_CHECK:
+                raise AssertionError("regenerated although the cache should have been used")
+            return make(n, seed)
+        monkeypatch.setitem(data._BUILTIN, name, (guarded, version, splits))
+
+
+def test_cache_from_another_generator_is_regenerated_with_a_warning(small_builtins, tmp_path):
+    """A cache file with the right name but other images (written before an unversioned change
+    to the generator) must not be served: every recorded figure would silently move."""
+    fresh = data.load_dataset("shapes", split="test")
+    path = tmp_path / "cache" / f"shapes-v{data.SHAPES_VERSION}-test-n300-seed1.pt"
+    stale = torch.load(path, weights_only=True)
+    stale["images"] = stale["images"].roll(1, dims=0)          # same images, another draw order
+    torch.save(stale, path)
+    with pytest.warns(UserWarning, match="differ from what this minigen's shapes generator draws"):
+        ds = data.load_dataset("shapes", split="test")
+    assert torch.equal(ds.images, fresh.images)
+    assert torch.equal(torch.load(path, weights_only=True)["images"], fresh.images)   # rewritten
+
+
+def test_shapes_generator_is_pinned():
+    """shapes is pure numpy + torch, so its images are the same on every machine and version.
+    If this fails after a deliberate change: bump SHAPES_VERSION, update the hashes, and
+    re-measure every recorded figure (`python -m minigen.reference --evaluate`,
+    `python scripts/train_judges.py --evaluate`)."""
+    expected = {0: "dd84baede90dbc4f7895d05c8ffcf90be029a97e31e7640e01b117ff7b1b1419",
+                1: "a79519e62372ef731360c765165189ae366e48d79a80d5e1a3cc343344048f0d"}
+    for seed, digest in expected.items():
+        d = data.make_shapes(64, seed)
+        h = hashlib.sha256(d.images.numpy().tobytes())
+        for k in ("shape", "color", "size", "background"):
+            h.update(d.attributes[k].numpy().astype("int64").tobytes())
+        assert h.hexdigest() == digest, f"make_shapes(64, {seed}) draws other images than shapes v{data.SHAPES_VERSION}"
 
 
 def test_builtin_cache_written_atomically_and_hit(small_builtins, monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """The shipped reference checkpoints (minigen.reference): present, intact, small, loadable,
 rebuildable, and their recorded metrics reproducible."""
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -90,6 +91,18 @@ def test_missing_file_and_unknown_name(tmp_path):
         reference.manifest(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_metrics_were_measured_on_the_test_images_this_minigen_draws(name):
+    """If the generator draws other test images, every recorded figure moves a little (FD,
+    PSNR, accuracies): name that cause before a figure comparison fails for it."""
+    from minigen import data
+
+    test = data.load_dataset(reference.DATASET, split="test", n=reference.N_EVAL)
+    assert MANIFEST["models"][name].get("test_images_sha256") == reference.images_sha256(test.images), (
+        f"{name}'s metrics were measured on other test images; re-measure them with "
+        f"`python -m minigen.reference --evaluate --only {name}`")
+
+
 def test_recorded_reconstruction_psnr_is_reproducible():
     """The manifest's figures were measured on the loaded file: recomputing one must agree."""
     from minigen import data, metrics
@@ -116,6 +129,28 @@ def test_quick_smoke_run_into_tmp(tmp_path, capsys):
     model = reference.load("vae", root=out)
     assert model.sample(2).shape == (2, 3, 32, 32)
     assert "[vae]" in capsys.readouterr().out
+
+
+def test_evaluate_re_measures_without_training(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "quick"
+    assert reference.main(["--quick", "--only", "vqvae", "--out", str(out)]) == 0
+    before = reference.manifest(out)["models"]["vqvae"]
+    p = out / before["file"]
+    sha, mtime = before["sha256"], p.stat().st_mtime_ns
+    m = json.loads((out / "manifest.json").read_text())
+    m["models"]["vqvae"]["metrics"]["recon_psnr_db"] = -1.0          # a stale figure
+    (out / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setattr(reference, "TRAINERS", {})                    # evaluating must not train
+    assert reference.main(["--evaluate", "--only", "vqvae", "--out", str(out)]) == 0
+    after = reference.manifest(out)["models"]["vqvae"]
+    assert after["metrics"] == before["metrics"]                      # deterministic: the same figures again
+    assert after["train_seconds"] == before["train_seconds"] and after["date"] == before["date"]
+    assert after["evaluated"]["command"] == "python -m minigen.reference --evaluate --only vqvae"
+    assert p.stat().st_mtime_ns == mtime and reference.manifest(out)["models"]["vqvae"]["sha256"] == sha
+    assert "recon_psnr_db" in capsys.readouterr().out                 # the changed figure is reported
+    with pytest.raises(SystemExit) as e:
+        reference.main(["--evaluate", "--only", "ddpm", "--out", str(out)])
+    assert e.value.code == 2 and "re-measures existing checkpoints" in capsys.readouterr().err
 
 
 def test_prior_without_its_autoencoder_is_refused(tmp_path, capsys):
