@@ -38,13 +38,15 @@ from minigen.cli import _parse_overrides as parse_set  # --set key=value, as the
 def autoencoder_seconds(path: Path):
     """Training seconds of the autoencoder: the `elapsed` of its run's log.jsonl, or the
     manifest's train_seconds for a reference checkpoint (else None)."""
+    from minigen import reference
+
     log = Path(path).parent / "log.jsonl"
-    manifest = Path(path).parent / "manifest.json"
-    if not log.exists() and manifest.exists():
-        entries = json.loads(manifest.read_text()).get("models", {}).values()
-        return next((e.get("train_seconds") for e in entries if e.get("file") == Path(path).name), None)
     if not log.exists():
-        return None
+        try:
+            entries = reference.manifest(Path(path).parent)["models"].values()
+        except reference.ReferenceError:  # neither a run folder nor a reference folder
+            return None
+        return next((e["train_seconds"] for e in entries if e["file"] == Path(path).name), None)
     recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return max((r.get("elapsed", 0.0) for r in recs), default=None)
 

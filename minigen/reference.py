@@ -245,10 +245,10 @@ class _Run:
         self.n_train = QUICK["n_train"] if quick else N_TRAIN
         self.n_eval = QUICK["n_eval"] if quick else N_EVAL
         self.train_set = data.load_dataset(DATASET, split="train", n=self.n_train)
-        test = data.load_dataset(DATASET, split="test", n=self.n_eval)
-        self.x_test, self.y_test = test.tensors()
+        self.test = data.load_dataset(DATASET, split="test", n=self.n_eval)
+        self.x_test, self.y_test = self.test.tensors()
         # which images the metrics were measured on: a changed generator shows up here first
-        self.test_sha256 = images_sha256(test.images)
+        self.test_sha256 = images_sha256(self.test.images)
         self.num_classes = len(self.train_set.classes)
 
     def train_kwargs(self, name: str) -> dict:
@@ -493,16 +493,15 @@ def train_ddpm(run: _Run) -> dict:
 
 
 def measure_ldm(run: _Run, m, steps: int) -> dict:
-    from minigen import data, judge, ldm
+    from minigen import judge, ldm
 
     spec = SPECS["ldm"]["sample"]
-    test = data.load_dataset(DATASET, split="test", n=run.n_eval)
-    prompts = list(test.captions[:run.n_eval])
+    prompts = list(run.test.captions)
     g = torch.Generator().manual_seed(SEED)
     xs, secs = _timed(lambda: torch.cat([
         m.sample(prompts[i:i + 250], guidance_scale=spec["guidance_scale"], steps=steps, generator=g)
         for i in range(0, len(prompts), 250)]))
-    out = sample_metrics(xs, test.labels[:run.n_eval], run.x_test, secs / len(xs))
+    out = sample_metrics(xs, run.y_test, run.x_test, secs / len(xs))
     out["caption_accuracy"] = ldm.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
     return out
 

@@ -91,6 +91,13 @@ def measure(judge: Judge, name: str, test, x_hold: torch.Tensor, args) -> tuple[
     return result, baseline
 
 
+def _provenance() -> dict:
+    """When and with what a record was measured."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__, "minigen_version": minigen.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
 def re_measure(name: str, args, entry: dict) -> dict:
     """--evaluate: the shipped judge's test accuracy and baselines on the images this minigen
     draws now (the judge itself is not retrained; its training record is kept)."""
@@ -101,12 +108,12 @@ def re_measure(name: str, args, entry: dict) -> dict:
 
     train = load_dataset(name, split="train")
     test = load_dataset(name, split="test")
-    result, baseline = measure(load_judge(name), name, test, train.images[-args.holdout:], args)
+    # the judge that --out holds (the shipped one, sha256-checked, by default)
+    shipped = Path(args.out).resolve() == WEIGHTS_DIR.resolve()
+    judge = load_judge(name) if shipped else load_judge(name, path=Path(args.out) / entry["file"])
+    result, baseline = measure(judge, name, test, train.images[-args.holdout:], args)
     return {**entry, **result, "real_vs_real": baseline,
-            "evaluated": {"command": f"python scripts/train_judges.py --evaluate --dataset {name}",
-                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                          "torch_version": torch.__version__, "minigen_version": minigen.__version__,
-                          "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "evaluated": {"command": f"python scripts/train_judges.py --evaluate --dataset {name}", **_provenance(),
                           # digits are drawn with matplotlib's fonts through Pillow's FreeType:
                           # another version of either can move a few pixels, and these figures
                           "pillow": PIL.__version__, "matplotlib": matplotlib.__version__}}
@@ -219,11 +226,7 @@ def main(argv=None) -> None:
             "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) if argv is None
                        else "python scripts/train_judges.py " + " ".join(argv),
             "seed": args.seed,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch_version": torch.__version__,
-            "minigen_version": minigen.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
+            **_provenance(),
         }
         print(f"[{name}] wrote {path} ({len(data) / 1e6:.2f} MB)", flush=True)
         json_path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
