@@ -174,9 +174,9 @@ def cmd_sample(args) -> int:
     import torch
     from minigen import plot, train
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    from minigen.checkpoint import resolve
+
+    path = resolve(args.checkpoint)  # a run folder means its checkpoint.pt
     device = train.select_device(args.device)
     model, ckpt = load_model(path, device)
     torch.manual_seed(args.seed)

@@ -56,9 +56,9 @@ import torch
 import torch.nn as nn
 
 from minigen import checkpoint
-from minigen.checkpoint import weights_hash  # public names of this module before checkpoint.py
-from minigen.evaluate import caption_accuracy  # and evaluate.py
+from minigen.checkpoint import weights_hash  # public here too, as before checkpoint.py
 from minigen.diffusion import DiffusionConfig, GaussianDiffusion, guided_model_fn, sample_loop, training_losses
+from minigen.evaluate import caption_accuracy  # public here too, as before evaluate.py
 from minigen.text import TextEncoder, TextEncoderConfig, Tokenizer
 from minigen.unet import UNetConfig
 

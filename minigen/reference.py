@@ -28,7 +28,9 @@ The files are ordinary minigen checkpoints (`minigen sample minigen/weights/refe
 works) holding only the weights the model samples with: the EMA weights when training kept
 an EMA, else the model's; no optimizer state. Parameters are stored in float16 to keep the
 folder small (the whole folder must stay under 20 MB); loading casts them back to float32.
-Metrics are measured on the model *as loaded from its file*, i.e. after that rounding.
+Metrics are measured on the model *as loaded from its file*, i.e. after that rounding, with
+minigen.evaluate (`sample_metrics`, `reconstruction_metrics`, `caption_accuracy`); files are
+written and read through minigen.checkpoint.
 
 Budgets are CPU budgets: the models are small and trained briefly, so they show each
 family's character, not its best. Compare their figures with each other, not with papers.

@@ -21,7 +21,10 @@ is reported as failed and the tour goes on (a later stage that needs its model s
 FD is the Frechet distance in the feature space of minigen's offline judge networks
 (minigen.judge), next to the real-vs-real FD at the same n: FD is biased upwards at small
 n, so only the pair can be read. Precision / recall are Kynkaanniemi et al.'s (k = 3) in
-the same feature space.
+the same feature space. Reconstructions, timing, prior sampling and caption accuracy go
+through minigen.evaluate, as the reference checkpoints' do; the tour's sample figures
+(`_sample_quality`) compare against the judge's test-split statistics and the training
+images, a protocol of its own that its published numbers were measured with.
 
 Budgets: the default tour is sized for under 10 minutes on an idle 2-core CPU. Measured
 on 2026-11-25 (AMD EPYC, 2 vCPUs, torch 2.13, one thread on a loaded machine) it used
