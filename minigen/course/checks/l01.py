@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigen.course.checks._framework import Exercise, seeded
+from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["reparameterize", "gaussian_kl", "vae_loss", "interpolate"]
+__all__ = ["hint", "reparameterize", "gaussian_kl", "vae_loss", "interpolate"]
 
 
 # ---------------------------------------------------------------------------- 1.1
@@ -25,6 +25,7 @@ _NO_GRAD = ("sampling with torch.normal(mu, std) or torch.distributions.Normal(.
             "an input, so gradients flow to mu and logvar (the reparameterisation trick)")
 
 
+@checker
 def reparameterize(fn) -> None:
     """Exercise 1.1: z = mu + exp(0.5 * logvar) * eps, eps ~ N(0, I) with the shape of mu."""
     ex = Exercise("1.1", "reparameterize")
@@ -126,6 +127,7 @@ def _kl_inputs(g, n, d):
     return mu, logvar
 
 
+@checker
 def gaussian_kl(fn) -> None:
     """Exercise 1.2: KL(N(mu, exp(logvar)) || N(0, I)) per example, summed over latent dims -> (N,)."""
     ex = Exercise("1.2", "gaussian_kl")
@@ -212,6 +214,7 @@ def _bce_logits64(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return l.clamp(min=0) - l * t + torch.log1p(torch.exp(-l.abs()))
 
 
+@checker
 def vae_loss(fn) -> None:
     """Exercise 1.3: mean over the batch of  sum_pixels BCE(logits, (x+1)/2) + beta * KL  (a scalar)."""
     ex = Exercise("1.3", "vae_loss")
@@ -273,6 +276,7 @@ def vae_loss(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 1.4
+@checker
 def interpolate(fn) -> None:
     """Exercise 1.4: `steps` points on the straight line from z1 to z2, both ends included -> (steps, D)."""
     ex = Exercise("1.4", "interpolate")
@@ -317,3 +321,43 @@ def interpolate(fn) -> None:
             (a + t[:, None] * b, "z1 + t * z2 is not the straight line; use (1 - t) * z1 + t * z2"),
         ])
     ex.passed("endpoints, even spacing, shape (steps, latent_dim)")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '1.1': (
+        'Sampling z ~ N(mu, sigma^2) directly has no gradient with respect to mu and sigma. Write'
+        ' the sample as a deterministic function of mu, sigma and noise drawn from N(0, 1).',
+        'The network gives the log-variance, so sigma is the exponential of half of it. Draw '
+        "standard normal noise with the same shape as mu (from torch's global generator), scale "
+        'it by sigma and shift it by mu.',
+    ),
+    '1.2': (
+        'KL(N(mu, sigma^2) || N(0, 1)) has a closed form per latent dimension; the KL of the '
+        'whole diagonal Gaussian is the sum over dimensions. One value per example.',
+        'Per dimension: one half of (mu squared + variance - 1 - log-variance), where the '
+        'variance is the exponential of logvar. Sum over the latent dimension (dim 1), keep the '
+        'batch dimension.',
+    ),
+    '1.3': (
+        'The negative ELBO: how badly the decoder explains x (a Bernoulli likelihood per pixel) '
+        'plus beta times the KL of exercise 1.2, averaged over the batch.',
+        'Targets for the Bernoulli likelihood live in [0, 1]: map x from [-1, 1]. Use binary '
+        "cross entropy on the logits without reduction, sum it over each image's pixels, add beta"
+        ' times your KL per image, then average over the batch.',
+    ),
+    '1.4': (
+        'A straight line between two latent vectors, walked in `steps` evenly spaced points, from'
+        ' z1 (the first row) to z2 (the last row).',
+        "Make `steps` weights evenly spaced from 0 to 1 (in z1's dtype), one per output row. Row "
+        'i mixes (1 - weight_i) of z1 with weight_i of z2; broadcasting a column of weights '
+        'against the vectors gives all rows at once.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

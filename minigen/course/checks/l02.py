@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape
+from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, checker, show_hint
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -64,6 +64,7 @@ def _quantize_case_ok(ex, out, z, e, case):
     return out, d, bad
 
 
+@checker
 def quantize(fn) -> None:
     """Exercise 2.1: (M, D) vectors, (K, D) codebook -> (M,) int64 index of the nearest code."""
     ex = Exercise("2.1", "quantize")
@@ -269,6 +270,7 @@ def _vq_losses(ex, fn):
                              "stop-gradients")
 
 
+@checker
 def straight_through_and_losses(straight_through, vq_losses) -> None:
     """Exercise 2.2: z + sg[z_q - z], and (loss, codebook_loss, commitment_loss) with the paper's beta placement."""
     ex = Exercise("2.2", "straight_through_and_losses")
@@ -301,6 +303,7 @@ def _ema_reference(N, m, z, idx, decay, eps, *, flip=False, smooth="laplace", n_
     return N, m, m / Ns[:, None]
 
 
+@checker
 def ema_update(fn) -> None:
     """Exercise 2.3: EMA of code counts and sums, Laplace-smoothed counts, codebook = sums / counts."""
     ex = Exercise("2.3", "ema_update")
@@ -376,6 +379,7 @@ def ema_update(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 2.4
+@checker
 def perplexity(fn) -> None:
     """Exercise 2.4: exp(entropy) of the code histogram (natural log, 0 log 0 = 0), a scalar tensor."""
     ex = Exercise("2.4", "perplexity")
@@ -433,4 +437,50 @@ def perplexity(fn) -> None:
     ex.passed("values (uniform, collapsed, skewed), unused codes, scalar shape")
 
 
-__all__ = ["CheckFailed", "quantize", "straight_through_and_losses", "ema_update", "perplexity"]
+__all__ = ["hint", "CheckFailed", "quantize", "straight_through_and_losses", "ema_update", "perplexity"]
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '2.1': (
+        'For every vector, find the code with the smallest squared Euclidean distance. Expanding '
+        '||z - e||^2 avoids building an (M, K, D) tensor.',
+        'Compute all M x K squared distances: the squared norm of each vector (a column), plus '
+        'the squared norm of each code (a row), minus twice the matrix product of the vectors '
+        'with the transposed codebook. Do it in float32 with autocast off. Take the index of the '
+        'minimum along the codes.',
+    ),
+    '2.2': (
+        'Straight-through: the forward pass uses the quantised value, the backward pass pretends '
+        'quantisation was the identity. The two losses move the codebook towards the encoder and '
+        'the encoder towards the codebook; stop-gradient decides which side moves.',
+        'Straight-through: z plus the detached difference (z_q - z). Codebook loss: mean squared '
+        'error between z_q and a detached z. Commitment loss: mean squared error between z and a '
+        'detached z_q. The total is codebook loss plus beta times commitment loss; return all '
+        'three.',
+    ),
+    '2.3': (
+        'Instead of gradients, each code follows a moving average of the vectors assigned to it: '
+        'one average of the counts, one of the sums. The code is sum / count, with the counts '
+        'smoothed so an unused code never divides by zero.',
+        'Count the vectors per code (every code, even unused ones) and sum the vectors per code. '
+        "New counts: decay times the old counts plus (1 - decay) times this batch's counts; the "
+        'same for the sums. With n the total of the new counts, the smoothed count of code i is '
+        '(count_i + eps) / (n + K eps) times n. The codebook is the sums divided by the smoothed '
+        'counts. Return new tensors; do not change the inputs in place.',
+    ),
+    '2.4': (
+        'Perplexity is the exponential of the entropy of how often each code is used: the number '
+        'of codes you would need if they were all used equally often.',
+        'Histogram the indices over all num_codes codes, divide by the number of indices to get '
+        'probabilities, compute the entropy with natural logs treating 0 log 0 as 0, and '
+        'exponentiate. Return a 0-dim float tensor.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

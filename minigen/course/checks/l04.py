@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from minigen.course.checks._framework import Exercise, seeded
+from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["causal_attention", "sample_next", "attend_with_cache"]
+__all__ = ["hint", "causal_attention", "sample_next", "attend_with_cache"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -34,6 +34,7 @@ def _attention64(q, k, v, *, offset=0, mask="causal", scale=None, softmax_dim=-1
 
 
 # ---------------------------------------------------------------------------- 4.1
+@checker
 def causal_attention(fn) -> None:
     """Exercise 4.1: softmax(q kᵀ/√d + causal mask) v for q, k, v (N, n_head, T, head_dim)."""
     ex = Exercise("4.1", "causal_attention")
@@ -96,6 +97,7 @@ def _probs64(logits, temperature, top_k):
     return torch.softmax(z, dim=-1)
 
 
+@checker
 def sample_next(fn) -> None:
     """Exercise 4.2: one token per row, temperature -> top-k -> softmax -> multinomial."""
     ex = Exercise("4.2", "sample_next")
@@ -165,6 +167,7 @@ def sample_next(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 4.3
+@checker
 def attend_with_cache(fn) -> None:
     """Exercise 4.3: append new k, v to the cache and attend the new queries over all of it."""
     ex = Exercise("4.3", "attend_with_cache")
@@ -220,3 +223,39 @@ def attend_with_cache(fn) -> None:
     ex.close(torch.cat(ys, dim=2), _attention64(q, k, v), atol=1e-5, rtol=1e-4,
              what="the outputs of a 9-token sequence fed in 6 pieces through your cache")
     ex.passed("appends, attends over every cached position, equals uncached attention")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '4.1': (
+        'Scaled dot-product attention where position i may only look at positions 0..i: the '
+        'scores of future positions are removed before the softmax.',
+        'Scores: queries times transposed keys, divided by the square root of the head size. Set '
+        'the scores above the diagonal (key index greater than query index) to minus infinity, '
+        'softmax over the keys (last axis), multiply by the values.',
+    ),
+    '4.2': (
+        'Temperature rescales the logits before the softmax; top-k keeps only the k most likely '
+        'tokens. Then draw one token per row, using the generator you were given.',
+        "Divide the logits by the temperature. If top_k is given, find each row's k-th largest "
+        'logit and set every logit below it to minus infinity. Softmax over the vocabulary, then '
+        "draw one sample per row with torch's multinomial sampler, passing the generator; return "
+        'the indices as a 1-D int64 tensor.',
+    ),
+    '4.3': (
+        'With a cache, the t new queries attend over the s cached positions and the t new ones. '
+        'New query i sits at absolute position s + i, so it sees every cached key and the new '
+        'keys up to itself.',
+        'Append the new keys and values after the cached ones along the sequence axis. Compute '
+        'scaled scores of the new queries against all s + t keys; mask key j for query i when j >'
+        ' s + i; softmax over the keys, multiply by the values. Return the output and the two '
+        'grown caches.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

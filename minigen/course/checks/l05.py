@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn as nn
 
-from minigen.course.checks._framework import CheckFailed, Exercise, seeded
+from minigen.course.checks._framework import CheckFailed, Exercise, seeded, checker, show_hint
 
-__all__ = ["alphas_cumprod", "q_sample", "training_loss", "p_sample", "p_sample_loop"]
+__all__ = ["hint", "alphas_cumprod", "q_sample", "training_loss", "p_sample", "p_sample_loop"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -62,6 +62,7 @@ _BROADCAST = ("alphas_cumprod[t] has shape (N,); reshape it to (N, 1, 1, 1) befo
 
 
 # ---------------------------------------------------------------------------- 5.1
+@checker
 def alphas_cumprod(fn) -> None:
     """Exercise 5.1: betas (T,) -> abar (T,), abar_t = prod_{s<=t} (1 - beta_s), same dtype."""
     ex = Exercise("5.1", "alphas_cumprod")
@@ -95,6 +96,7 @@ def alphas_cumprod(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 5.2
+@checker
 def q_sample(fn) -> None:
     """Exercise 5.2: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, abar_t = alphas_cumprod[t] per image."""
     ex = Exercise("5.2", "q_sample")
@@ -213,6 +215,7 @@ def _check_timesteps(ex: Exercise, t, n, T, *, need_ends: bool):
                 mistake="draw t with torch.randint(0, T, (N,)) (uniform), not from a normal or a rounded float")
 
 
+@checker
 def training_loss(fn) -> None:
     """Exercise 5.3: t ~ U{0..T-1} per image, noise ~ N(0, I), x_t = q_sample(...),
     loss = mean((model(x_t, t) - noise)^2), a scalar with gradients into the model."""
@@ -295,6 +298,7 @@ def _step_inputs(g, n, shape, T):
     return x_t, t, eps, noise
 
 
+@checker
 def p_sample(fn) -> None:
     """Exercise 5.4: one DDPM ancestral step with epsilon-prediction, x0_hat clipped to
     [-1, 1], the posterior mean, fixed_small variance beta~_t and no noise at t = 0."""
@@ -419,6 +423,7 @@ class _RecordingFn:
         return self.output(x, t)
 
 
+@checker
 def p_sample_loop(fn) -> None:
     """Exercise 5.5: x = x_T; for t = T-1, ..., 0: x = p_sample(x, t, model_fn(x, t), abar, fresh noise)."""
     ex = Exercise("5.5", "p_sample_loop")
@@ -479,3 +484,52 @@ def p_sample_loop(fn) -> None:
     ex.mean_std(torch.stack(zs), 0.0, 1.0, what="the noise added at the steps t > 0",
                 mistakes=[(0.5, math.sqrt(1 / 12), "torch.rand_like is uniform on [0, 1); use torch.randn_like")])
     ex.passed(f"order T-1 ... 0, {T} model calls, fresh Gaussian noise, final step without noise")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '5.1': (
+        "abar_t is the fraction of the original signal's variance left after t noising steps: the"
+        ' running product of (1 - beta).',
+        'Compute alpha = 1 - beta elementwise, then its cumulative product along the time axis. '
+        'The result keeps the shape and dtype of betas.',
+    ),
+    '5.2': (
+        'The forward process has a closed form: x_t is a mix of x0 and Gaussian noise whose '
+        'weights come from abar_t, a different t for each image.',
+        "Pick abar for each image's t, reshape it so it broadcasts over every other axis of x0 "
+        '(any number of them), then weight x0 by the square root of abar and the noise by the '
+        'square root of (1 - abar), and add.',
+    ),
+    '5.3': (
+        'Train the network to predict the noise that was mixed into a clean image at a random '
+        'timestep.',
+        'T is the length of the schedule. Draw one integer timestep per image uniformly from 0 to'
+        ' T - 1 and Gaussian noise shaped like x0 (both from the global generator), noise the '
+        'images with your q_sample, ask the model for its prediction at (x_t, t), and return the '
+        'mean squared error between prediction and noise.',
+    ),
+    '5.4': (
+        "One reverse step: estimate x0 from the predicted noise, clip it to the data range, and "
+        "sample from the Gaussian posterior q(x_{t-1} | x_t, x0) (no noise at t = 0).",
+        "abar_prev is 1 at t = 0 and abar at t - 1 otherwise, and beta_t is 1 - abar / abar_prev. "
+        "The estimate of x0 is x_t minus sqrt(1 - abar) times eps, all over sqrt(abar), clipped to "
+        "[-1, 1]. The posterior mean weighs that estimate by sqrt(abar_prev) beta_t / (1 - abar) "
+        "and x_t by sqrt(1 - beta_t) (1 - abar_prev) / (1 - abar); the posterior variance is "
+        "(1 - abar_prev) / (1 - abar) times beta_t. Add the noise scaled by the standard deviation, "
+        "for images with t > 0 only.",
+    ),
+    '5.5': (
+        'Start from pure noise and apply your p_sample for every timestep from T - 1 down to 0.',
+        'Loop over the timesteps in decreasing order; at each, build a long tensor holding that '
+        'timestep for every image, ask model_fn for eps, and take one p_sample step with fresh '
+        'standard normal noise. Return the final x.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

@@ -21,9 +21,9 @@ import math
 
 import torch
 
-from minigen.course.checks._framework import Exercise, seeded
+from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["ddim_step", "classifier_free_guidance", "inpaint"]
+__all__ = ["hint", "ddim_step", "classifier_free_guidance", "inpaint"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -155,6 +155,7 @@ def _v_mistakes(x_t, t, t_prev, v, ab, **kw):
 
 
 # ---------------------------------------------------------------------------- 6.1
+@checker
 def ddim_step(fn) -> None:
     """Exercise 6.1: one DDIM step x_t -> x_{t_prev} (t_prev = -1: the clean image, abar = 1),
     for epsilon- and v-prediction; other prediction types raise ValueError."""
@@ -379,6 +380,7 @@ def ddim_step(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 6.2
+@checker
 def classifier_free_guidance(fn) -> None:
     """Exercise 6.2: eps = eps_uncond + w (eps_cond - eps_uncond)."""
     ex = Exercise("6.2", "classifier_free_guidance")
@@ -416,6 +418,7 @@ def _trailing(T: int, S: int) -> list[int]:
     return [int(round(T - i * T / S)) - 1 for i in range(S)]
 
 
+@checker
 def inpaint(fn) -> None:
     """Exercise 6.3: the DDIM inpainting loop. Checked through the model calls it makes:
     every call sees the known region re-noised to that call's timestep, the unknown region
@@ -553,3 +556,42 @@ def _inpaint_case(ex, fn, g, prediction_type, *, seed):
     if abs(float(x_first.mean())) > 6 / math.sqrt(x_first.numel()) or abs(float(x_first.std()) - 1) > 6 / math.sqrt(2 * x_first.numel()):
         ex.fail(f"at the first model call (timestep {grid[0]}) the region to fill has mean "
                 f"{float(x_first.mean()):.3g} and std {float(x_first.std()):.3g}; start from pure noise N(0, I)")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '6.1': (
+        "DDIM predicts x0 and eps from the network's output, then jumps to any earlier t_prev "
+        "along a deterministic path (eta = 0) or with some fresh noise (eta > 0).",
+        "abar_prev is alphas_cumprod at t_prev, or 1 when t_prev is -1. From an eps output, the "
+        "estimate of x0 is x_t minus sqrt(1 - abar) times eps, all over sqrt(abar); from a v output, "
+        "rotate (x_t, v) back to (x0, eps) as the text shows. Clip the x0 estimate only if "
+        "clip_denoised. sigma is eta times sqrt((1 - abar_prev) / (1 - abar)) times sqrt(1 - abar / "
+        "abar_prev). x_prev is sqrt(abar_prev) times the x0 estimate plus sqrt(1 - abar_prev - "
+        "sigma^2) times eps, plus sigma times noise when eta > 0 (the noise given, or drawn with "
+        "the generator given).",
+    ),
+    '6.2': (
+        'Guidance extrapolates from the unconditional prediction past the conditional one: scale '
+        '0 is unconditional, scale 1 is conditional, larger scales exaggerate the condition.',
+        'Take the difference between the conditional and the unconditional output, multiply it by'
+        ' the guidance scale, and add it to the unconditional output.',
+    ),
+    '6.3': (
+        'Run the DDIM sampler from noise, and after every step overwrite the known pixels with '
+        'the original image noised to the same timestep, so the generated part has to agree with '
+        'what is kept.',
+        'Start from standard normal noise shaped like x0. For each timestep t (and the next one, '
+        't_prev, which is -1 after the last): call the network, take a DDIM step to t_prev '
+        'passing eta, clip_denoised, prediction_type and generator on; then noise x0 to t_prev '
+        'with q_sample (or use x0 itself after the last step) and keep it where mask is 1, the '
+        'sample where mask is 0.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

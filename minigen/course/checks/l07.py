@@ -28,9 +28,9 @@ import math
 import torch
 import torch.nn as nn
 
-from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, seeded
+from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, seeded, checker, show_hint
 
-__all__ = ["cross_attention", "latent_scaling", "text_to_image"]
+__all__ = ["hint", "cross_attention", "latent_scaling", "text_to_image"]
 
 
 # ---------------------------------------------------------------------------- 7.1
@@ -115,6 +115,7 @@ def _build_attention(ex, cls, query_dim, context_dim, heads, dim_head, g):
     return m, layers
 
 
+@checker
 def cross_attention(cls) -> None:
     """Exercise 7.1: multi-head cross-attention, from image tokens (queries) to text tokens."""
     ex = Exercise("7.1", "cross_attention")
@@ -232,6 +233,7 @@ def _as_number(ex, value, what):
     return float(value)
 
 
+@checker
 def latent_scaling(fit_scale_factor, encode, decode) -> None:
     """Exercise 7.2: the scale factor 1/std, and scaling on the way in and out of latent space."""
     ex = Exercise("7.2", "latent_scaling")
@@ -445,6 +447,7 @@ def _reference_pipeline(prompts, tok, enc, unet, ab, sf, dec, x_T, w, steps, *, 
     return dec(z_in), z
 
 
+@checker
 def text_to_image(fn) -> None:
     """Exercise 7.3: tokenize, encode, DDIM with classifier-free guidance, unscale, decode;
     the U-Net's output is eps or v (prediction_type, passed on to ddim_step)."""
@@ -571,3 +574,40 @@ def text_to_image(fn) -> None:
     ex.mean_std(first, 0.0, 1.0, what="the starting latents x_T (not given)")
     ex.passed("empty-prompt null condition, CFG direction, DDIM grid without clipping, eps and v, "
               "unscale before decode")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '7.1': (
+        'Queries come from the image tokens, keys and values from the text tokens; several heads '
+        'attend in parallel, each over dim_head features.',
+        'Linear maps without bias: to_q from query_dim, to_k and to_v from context_dim, each to '
+        'heads times dim_head; to_out maps back to query_dim (with bias). In forward: project, '
+        'split the features into heads and move the head axis before the token axis, scale the '
+        'scores by dim_head to the power -1/2, softmax over the text tokens, weight the values, '
+        'merge the heads back and apply to_out.',
+    ),
+    '7.2': (
+        'Diffusion works best when the latents have unit variance, so scale them by one number '
+        'fitted on a sample of latents; undo the scale before decoding.',
+        'The scale factor is 1 over the standard deviation of all the latent values together, as '
+        "a Python float. encode: the autoencoder's latents times the factor. decode: divide by "
+        'the factor first, then call the decoder.',
+    ),
+    '7.3': (
+        'Encode the prompts and an empty prompt, then run DDIM in latent space with classifier-'
+        'free guidance, and decode the final latents.',
+        'Context: the text encoder applied to the tokenized prompts; null context: the same for n'
+        ' empty strings. Start from x_T (or noise drawn with the generator). For each DDIM '
+        'timestep: run the U-Net on both contexts, combine the outputs with the guidance scale, '
+        'take a ddim_step with eta 0, no clipping, and prediction_type passed on. Finally undo '
+        'the latent scale and decode.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)
