@@ -199,6 +199,12 @@ class Exercise:
                 f"{f'{limit:g} s' if isinstance(limit, (int, float)) else 'the time limit'}; "
                 "look for a loop that never ends or far more work than the exercise needs") from None
         except Exception as e:
+            unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if isinstance(e, TypeError) and unexpected:
+                raise CheckFailed(
+                    f"{self.label}: your function does not accept the keyword argument "
+                    f"`{unexpected.group(1)}`; keep the signature the exercise gives (every argument "
+                    "of it is used by the check)", learner_traceback=learner_traceback_of(e)) from e
             shapes = ", ".join(_describe(a) for a in args)
             if kwargs:
                 shapes += (", " if shapes else "") + ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())
