@@ -317,6 +317,35 @@ def ddim_step(fn) -> None:
                         "(torch.randn_like(x_t), or torch.randn with the generator)")
     ex.mean_std(z, 0.0, 1.0, what="(x_prev - mean) / sigma with eta = 1 and noise=None")
 
+    # (e2) ... drawn from the `generator` passed in: the same generator seed gives the same step
+    # whatever the global RNG holds, another seed another step
+    t = torch.tensor([640, 300, 905])
+    x_t, eps, ab = _ddim_inputs(g, 3, t)
+
+    def with_generator(seed, global_seed):
+        with seeded(global_seed):
+            return run(x_t, t, 200, eps, ab, eta=0.8, clip_denoised=False,
+                       generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = with_generator(5, 1), with_generator(5, 2), with_generator(6, 1)
+    if not torch.equal(a, b):
+        ex.fail("with eta > 0, noise=None and the same `generator`, two calls gave different x_prev "
+                "(the global RNG decided the noise)",
+                mistake="draw the noise from the generator you were given: torch.randn(x_t.shape, "
+                        "generator=generator, ...) (torch.randn_like takes no generator)")
+    if torch.equal(a, c):
+        ex.fail("generators with different seeds gave the same x_prev: the noise must come from the "
+                "generator passed in")
+
+    # (e3) the defaults: eta = 0 and clip_denoised=True when the caller passes neither
+    t = torch.tensor([300, 120, 450])
+    x_t, eps, ab = _ddim_inputs(g, 3, t, x0_range=1.5)
+    out = run(x_t, t, 60, eps, ab)
+    ex.close(out, _ddim64(x_t, t, 60, eps, ab, clip_denoised=True), atol=1e-4, rtol=1e-4,
+             what="x_prev with the default arguments (eta = 0, clip_denoised=True)", mistakes=[
+                 (_ddim64(x_t, t, 60, eps, ab, clip_denoised=False),
+                  "clip_denoised defaults to True: keep the defaults of the exercise's signature")])
+
     # (f) v-prediction (cosine schedule): interior steps with eta = 0 and eta = 0.5. The
     # timesteps avoid abar = 1/2, where swapped coefficients would give the right answer.
     for eta in (0.0, 0.5):
@@ -385,12 +414,16 @@ def classifier_free_guidance(fn) -> None:
     """Exercise 6.2: eps = eps_uncond + w (eps_cond - eps_uncond)."""
     ex = Exercise("6.2", "classifier_free_guidance")
     g = torch.Generator().manual_seed(62)
-    for w, shape in [(2.5, (4, 3, 5, 5)), (7.5, (2, 1, 4, 6)), (0.0, (3, 3, 4, 4)), (1.0, (3, 3, 4, 4)),
-                     (4.0, (5, 4, 3, 3))]:
+    # random scales (not only the usual 7.5), 0 and 1 exactly, a negative one; any shape; the
+    # scale passed by position and by keyword
+    w_random = [round(float(v), 3) for v in torch.rand(3, generator=g) * 9 + 0.2]
+    cases = [(w_random[0], (4, 3, 5, 5)), (7.5, (2, 1, 4, 6)), (0.0, (3, 3, 4, 4)), (1.0, (3, 3, 4, 4)),
+             (w_random[1], (6, 16)), (-0.5, (2, 4, 3, 3)), (w_random[2], (2, 3, 2, 4, 4)), (4, (5, 4, 3, 3))]
+    for k, (w, shape) in enumerate(cases):
         u = torch.randn(shape, generator=g)
         c = torch.randn(shape, generator=g)
         u0, c0 = u.clone(), c.clone()
-        out = ex.call(fn, u, c, w)
+        out = ex.call(fn, u, c, w) if k % 2 == 0 else ex.call(fn, u, c, guidance_scale=w)
         out = ex.tensor(out, shape=shape, dtype=torch.float32, what=f"the guided output (w = {w})")
         if not (torch.equal(u, u0) and torch.equal(c, c0)):
             ex.fail("your function changed out_uncond or out_cond in place; return a new tensor")
@@ -409,8 +442,10 @@ def classifier_free_guidance(fn) -> None:
             (w * cd, "you dropped the unconditional output: eps_uncond + w (eps_cond - eps_uncond)"),
             (ud + w * cd, "the difference is eps_cond - eps_uncond: eps_uncond + w (eps_cond - eps_uncond)"),
             ((ud + cd) * w / 2, "guidance extrapolates, it is not an average: eps_uncond + w (eps_cond - eps_uncond)"),
+            (ud + 7.5 * (cd - ud), "the guidance scale is fixed at 7.5: use the guidance_scale argument"),
+            (ud + 3.0 * (cd - ud), "the guidance scale is fixed at 3: use the guidance_scale argument"),
         ])
-    ex.passed("values for w = 0, 1, 2.5, 4, 7.5, shapes, dtype")
+    ex.passed("values for random scales, 0, 1 and a negative one, any shape, positional and keyword")
 
 
 # ---------------------------------------------------------------------------- 6.3
