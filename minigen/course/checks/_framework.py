@@ -205,6 +205,12 @@ class Exercise:
                     f"{self.label}: your function does not accept the keyword argument "
                     f"`{unexpected.group(1)}`; keep the signature the exercise gives (every argument "
                     "of it is used by the check)", learner_traceback=learner_traceback_of(e)) from e
+            missing = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*)", str(e))
+            if isinstance(e, TypeError) and missing and not getattr(e, "learner_traceback", None) \
+                    and len(traceback.extract_tb(e.__traceback__)) <= 1:
+                raise CheckFailed(
+                    f"{self.label}: your function was called without {missing.group(1)} (no default "
+                    "in your signature); keep the signature the exercise gives, defaults included") from e
             shapes = ", ".join(_describe(a) for a in args)
             if kwargs:
                 shapes += (", " if shapes else "") + ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())

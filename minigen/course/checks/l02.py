@@ -186,10 +186,17 @@ def _straight_through(ex, fn):
 
 def _vq_losses(ex, fn):
     g = torch.Generator().manual_seed(23)
-    for shape, beta in [((4, 6, 3, 3), 0.25), ((2, 5, 4, 2), 0.6)]:
+    # beta by default (0.25), by keyword and by position; image-shaped and flat (M, D) latents
+    for shape, beta, style in [((4, 6, 3, 3), 0.25, "default"), ((2, 5, 4, 2), 0.6, "keyword"),
+                               ((7, 3), 1.3, "positional")]:
         z = torch.randn(shape, generator=g).requires_grad_()
         z_q = torch.randn(shape, generator=g).requires_grad_()
-        out = ex.call(fn, z, z_q, beta)
+        if style == "default":
+            out = ex.call(fn, z, z_q)
+        elif style == "keyword":
+            out = ex.call(fn, z, z_q, beta=beta)
+        else:
+            out = ex.call(fn, z, z_q, beta)
         case = f" (beta={beta})"
         if not isinstance(out, (tuple, list)) or len(out) != 3:
             got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
@@ -218,6 +225,8 @@ def _vq_losses(ex, fn):
             ((diff ** 2).sum() * (1 + beta), sum_hint),
             (m, "loss is the sum of the two terms: codebook_loss + beta * commitment_loss"),
             (beta * m, "loss is codebook_loss + beta * commitment_loss (you returned only the weighted commitment)"),
+            (1.25 * m, f"beta={beta} was ignored (your loss used 0.25): weigh the commitment term by the beta "
+                       "argument, whose default is 0.25"),
         ])
 
         # Values alone cannot tell the terms apart (both equal mean (z - z_q)^2): the gradients can.
@@ -308,18 +317,39 @@ def ema_update(fn) -> None:
     """Exercise 2.3: EMA of code counts and sums, Laplace-smoothed counts, codebook = sums / counts."""
     ex = Exercise("2.3", "ema_update")
     g = torch.Generator().manual_seed(24)
-    for K, D, M, decay, eps, zero_code in [(10, 3, 40, 0.8, 0.3, False), (12, 4, 64, 0.99, 1e-5, True),
-                                           (6, 2, 30, 0.5, 0.05, False)]:
+    # unused codes at the end, at the start and scattered (random); decay and eps by position,
+    # by keyword and by default (0.99, 1e-5)
+    for K, D, M, decay, eps, zero_code, unused, style in [
+            (10, 3, 40, 0.8, 0.3, False, "last", "positional"), (12, 4, 64, 0.99, 1e-5, True, "first", "default"),
+            (6, 2, 30, 0.5, 0.05, False, "random", "keyword"), (9, 5, 50, 0.9, 0.01, True, "random", "positional")]:
         N = 0.2 + 3 * torch.rand(K, generator=g)
         m = torch.randn(K, D, generator=g) * N[:, None]
         z = torch.randn(M, D, generator=g)
-        idx = torch.randint(0, K - 2, (M,), generator=g)       # the last two codes get no vectors
-        idx[:4] = 0                                             # code 0 gets several
+        order = {"last": torch.arange(K), "first": torch.arange(K).flip(0),
+                 "random": torch.randperm(K, generator=g)}[unused]
+        used = order[:K - 2]                                    # two codes get no vectors this batch
+        idx = used[torch.randint(0, K - 2, (M,), generator=g)]
+        idx[:4] = used[0]                                       # one code gets several
+        idx[4] = used.max()                                     # the largest used index appears
         if zero_code:                                           # a code never used since the start: N = 0
-            N[-1], m[-1] = 0.0, 0.0
+            N[order[-1]], m[order[-1]] = 0.0, 0.0
         args = [N.clone(), m.clone(), z.clone(), idx.clone()]
-        case = f" (K={K}, D={D}, M={M}, decay={decay}, eps={eps})"
-        out = ex.call(fn, *args, decay, eps)
+        case = f" (K={K}, D={D}, M={M}, decay={decay}, eps={eps}, unused codes {sorted(order[K - 2:].tolist())})"
+        try:
+            if style == "default":
+                decay, eps = 0.99, 1e-5
+                case = f" (K={K}, D={D}, M={M}, default decay and eps, unused codes {sorted(order[K - 2:].tolist())})"
+                out = ex.call(fn, *args)
+            elif style == "keyword":
+                out = ex.call(fn, *args, decay=decay, eps=eps)
+            else:
+                out = ex.call(fn, *args, decay, eps)
+        except CheckFailed as e:
+            if "must match the size" in str(e) and int(idx.max()) < K - 1:
+                ex.fail(f"your function raised an error when the last codes are unused{case}",
+                        mistake="torch.bincount(indices) stops at the largest index present; count every "
+                                "code: torch.bincount(indices, minlength=K)")
+            raise
         if any(not torch.equal(a, b) for a, b in zip(args, [N, m, z, idx])):
             ex.fail("your function changed its inputs in place; it must be pure (return new tensors), e.g. "
                     "cluster_size = decay * cluster_size + ..., not cluster_size.mul_(decay)")
@@ -392,6 +422,9 @@ def perplexity(fn) -> None:
          .view(2, 6, 6) * 3, 64),
         ("random", torch.randint(0, 50, (4, 8, 8), generator=g), 50),
         ("flat indices", torch.randint(0, 5, (300,), generator=g) ** 2, 25),
+        ("the first codes unused", torch.randint(20, 40, (3, 5, 5), generator=g), 40),
+        ("unused codes at both ends and between",
+         torch.randperm(30, generator=g)[:9][torch.randint(0, 9, (2, 7, 7), generator=g)] + 5, 48),
     ]
     for what, idx, K in cases:
         case = f" ({what}, indices {_fmt_shape(idx.shape)}, num_codes={K})"

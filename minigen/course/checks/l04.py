@@ -105,10 +105,20 @@ def sample_next(fn) -> None:
     groups, reps, vocab = 3, 4000, 10
     base = torch.randn(groups, vocab, generator=g) * 1.5       # continuous: no ties
     logits = base.repeat_interleave(reps, dim=0)                # (groups * reps, vocab)
-    for temperature, top_k in [(1.0, None), (1.0, 3), (0.5, 4), (2.0, 5)]:
+    # every way of passing the arguments: the defaults (temperature 1, no top-k, the global
+    # RNG), by position, by keyword; top_k = 1 (greedy) and top_k = vocab (no cut)
+    cases = [(1.0, None, "default"), (1.0, 3, "positional"), (0.5, 4, "keyword"), (2.0, 5, "positional"),
+             (0.7, 1, "keyword"), (1.3, vocab, "keyword")]
+    for temperature, top_k, style in cases:
         x = logits.clone()
         with seeded(420):
-            out = ex.call(fn, x, temperature, top_k, torch.Generator().manual_seed(7))
+            if style == "default":
+                out = ex.call(fn, x)
+            elif style == "positional":
+                out = ex.call(fn, x, temperature, top_k, torch.Generator().manual_seed(7))
+            else:
+                out = ex.call(fn, x, temperature=temperature, top_k=top_k,
+                              generator=torch.Generator().manual_seed(7))
         what = f"the sampled tokens (temperature={temperature}, top_k={top_k})"
         if isinstance(out, torch.Tensor) and out.shape == (len(x), 1):
             ex.fail(f"{what} have shape {tuple(out.shape)}, expected ({len(x)},)",
@@ -163,7 +173,25 @@ def sample_next(fn) -> None:
             if z_max(p) <= 6.0:
                 ex.fail(msg, mistake=explanation)
         ex.fail(msg)
-    ex.passed("never outside the top k, frequencies match temperature/top-k over 12,000 draws")
+
+    # reproducibility: the draw comes from the generator passed in, not from the global RNG
+    x = base * 0.3  # flat enough that two different draws differ
+    x = x.repeat(20, 1)
+
+    def draw(seed, global_seed):
+        with seeded(global_seed):
+            return ex.tensor(ex.call(fn, x.clone(), 1.0, None, torch.Generator().manual_seed(seed)),
+                             shape=(len(x),), what="the sampled tokens")
+
+    a, b, c = draw(3, 1), draw(3, 2), draw(4, 1)
+    if not torch.equal(a, b):
+        ex.fail("the same `generator` gave different tokens (the global RNG decided them)",
+                mistake="pass the generator on: torch.multinomial(probs, 1, generator=generator)")
+    if torch.equal(a, c):
+        ex.fail("generators with different seeds gave the same tokens: the draw must use the generator "
+                "passed in")
+    ex.passed("never outside the top k, frequencies match temperature/top-k over 12,000 draws, "
+              "defaults and keywords, draws from the generator passed in")
 
 
 # ---------------------------------------------------------------------------- 4.3
