@@ -47,8 +47,18 @@ def _call(ex: Exercise, fn, *args, broadcast_hint=None):
     except CheckFailed as e:
         cause = e.__cause__
         if broadcast_hint and isinstance(cause, RuntimeError) and "size of tensor" in str(cause):
-            raise CheckFailed(f"{e}\n  Likely mistake: {broadcast_hint}") from cause
+            raise CheckFailed(f"{e}\n  Likely mistake: {broadcast_hint}",
+                              learner_traceback=e.learner_traceback) from cause
         raise
+
+
+def _rank(ex: Exercise, out, shape, what):
+    """The output must keep x's shape for any number of axes, not only (N, C, H, W)."""
+    if isinstance(out, torch.Tensor) and tuple(out.shape) != tuple(shape) and len(shape) != 4 and out.dim() == 4:
+        ex.fail(f"{what} has shape {tuple(out.shape)} for an input of shape {tuple(shape)}",
+                mistake="you reshaped alphas_cumprod[t] to (N, 1, 1, 1), which fits only 4-D image batches; "
+                        "reshape it to N followed by one 1 per remaining axis of the input, so any shape works")
+    return ex.tensor(out, shape=shape, dtype=torch.float32, what=what)
 
 
 def _unchanged(ex: Exercise, before: dict, after: dict) -> None:
@@ -57,8 +67,8 @@ def _unchanged(ex: Exercise, before: dict, after: dict) -> None:
             ex.fail(f"your function changed its input `{name}` in place; return a new tensor instead")
 
 
-_BROADCAST = ("alphas_cumprod[t] has shape (N,); reshape it to (N, 1, 1, 1) before multiplying "
-              "an (N, C, H, W) batch, e.g. alphas_cumprod[t].view(-1, 1, 1, 1)")
+_BROADCAST = ("alphas_cumprod[t] has shape (N,); reshape it to N followed by one 1 per remaining axis "
+              "(N, 1, 1, 1 for an (N, C, H, W) batch) before multiplying, so it broadcasts over each image")
 
 
 # ---------------------------------------------------------------------------- 5.1
@@ -104,7 +114,9 @@ def q_sample(fn) -> None:
     ab1000 = _ref_abar(_linear_betas(1000)).float()  # what GaussianDiffusion passes: float32
     ab10 = _ref_abar(torch.linspace(0.05, 0.5, 10, dtype=torch.float64)).float()
     # case 1 leaves out t = T-1 so that an alphas_cumprod[t + 1] answer gives values to recognise
-    cases = [((6, 3, 5, 7), ab1000, False), ((9, 1, 4, 4), ab1000, True), ((5, 2, 3, 3), ab10, True)]
+    # image batches, and other ranks: (N, D) vectors and (N, C, F, H, W) clips
+    cases = [((6, 3, 5, 7), ab1000, False), ((9, 1, 4, 4), ab1000, True), ((5, 2, 3, 3), ab10, True),
+             ((7, 12), ab10, True), ((3, 2, 3, 4, 4), ab1000, True)]
     for shape, ab, ends in cases:
         n, T = shape[0], len(ab)
         t = torch.randint(0, T - 1, (n,), generator=g)
@@ -114,7 +126,7 @@ def q_sample(fn) -> None:
         noise = torch.randn(shape, generator=g)
         before = {"x0": x0.clone(), "t": t.clone(), "noise": noise.clone(), "alphas_cumprod": ab.clone()}
         out = _call(ex, fn, x0, t, noise, ab, broadcast_hint=_BROADCAST)
-        out = ex.tensor(out, shape=shape, dtype=torch.float32, what="x_t")
+        out = _rank(ex, out, shape, "x_t")
         _unchanged(ex, before, {"x0": x0, "t": t, "noise": noise, "alphas_cumprod": ab})
         abd = ab.double()
         a = _col(abd[t], len(shape))
@@ -139,7 +151,7 @@ def q_sample(fn) -> None:
                              "off by one: use alphas_cumprod[t], not alphas_cumprod[t + 1] "
                              "(timesteps are 0-based: t = 0 is the first noising step)"))
         ex.close(out, ref, atol=2e-6, rtol=1e-5, what=f"x_t (T = {T}, t = {t.tolist()})", mistakes=mistakes)
-    ex.passed("values, shapes, per-image timesteps including 0 and T-1")
+    ex.passed("values, shapes of rank 2 to 5, per-image timesteps including 0 and T-1")
 
 
 # ---------------------------------------------------------------------------- 5.3
@@ -306,14 +318,14 @@ def p_sample(fn) -> None:
     g = torch.Generator().manual_seed(54)
     ab = _ref_abar(_linear_betas(1000)).float()  # what GaussianDiffusion passes: float32
     T = len(ab)
-    for n, shape in [(12, (3, 4, 5)), (8, (1, 6, 6))]:
+    for n, shape in [(12, (3, 4, 5)), (8, (1, 6, 6)), (10, (16,)), (6, (2, 3, 4, 4))]:
         x_t, t, eps, noise = _step_inputs(g, n, shape, T)
         before = {"x_t": x_t.clone(), "t": t.clone(), "model_output": eps.clone(), "noise": noise.clone(),
                   "alphas_cumprod": ab.clone()}
         out_z = _call(ex, fn, x_t, t, eps, ab, torch.zeros_like(noise), broadcast_hint=_BROADCAST)
-        out_z = ex.tensor(out_z, shape=x_t.shape, dtype=torch.float32, what="x_{t-1}")
+        out_z = _rank(ex, out_z, x_t.shape, "x_{t-1}")
         out = _call(ex, fn, x_t, t, eps, ab, noise, broadcast_hint=_BROADCAST)
-        out = ex.tensor(out, shape=x_t.shape, dtype=torch.float32, what="x_{t-1}")
+        out = _rank(ex, out, x_t.shape, "x_{t-1}")
         _unchanged(ex, before, {"x_t": x_t, "t": t, "model_output": eps, "noise": noise, "alphas_cumprod": ab})
         case = f" (t = {t.tolist()})"
         # NaN/inf first: the usual cause is abar_{t-1} at t = 0
