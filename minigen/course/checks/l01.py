@@ -221,11 +221,17 @@ def vae_loss(fn) -> None:
     g = torch.Generator().manual_seed(13)
     cases = [(6, 1, 8, 8, 5, 1.0, False), (4, 1, 7, 9, 3, 0.25, False), (5, 3, 4, 4, 8, 4.0, False),
              (6, 1, 6, 6, 4, 2.0, True)]
-    for n, c, h, w, d, beta, extreme in cases:
+    for k, (n, c, h, w, d, beta, extreme) in enumerate(cases):
         logits, x, mu, logvar = _vae_inputs(g, n, c, h, w, d, extreme)
         for t in (logits, mu, logvar):
             t.requires_grad_()
-        out = ex.call(fn, logits, x, mu, logvar, beta)
+        # beta by default (1.0), by keyword and by position
+        if k == 0:
+            out = ex.call(fn, logits, x, mu, logvar)
+        elif k == 1:
+            out = ex.call(fn, logits, x, mu, logvar, beta=beta)
+        else:
+            out = ex.call(fn, logits, x, mu, logvar, beta)
         case = f" (N={n}, C={c}, H={h}, W={w}, latent_dim={d}, beta={beta})"
         lt, m, lv = logits.detach(), mu.detach().double(), logvar.detach().double()
         target = (x.double() + 1) / 2
