@@ -148,15 +148,16 @@ def _fmt_shape(shape) -> str:
 class Exercise:
     """The check context of one exercise: every message names the exercise."""
 
-    def __init__(self, number: str, name: str):
+    def __init__(self, number: str, name: str, *, hidden: bool = False):
         self.number = number
         self.name = name
+        self.hidden = hidden  # a hidden test (grading time only): silent when it passes
         _current[0] = self
 
     # ---------------------------------------------------------------- messages
     @property
     def label(self) -> str:
-        return f"Exercise {self.number} ({self.name})"
+        return f"Exercise {self.number} ({self.name}){', hidden test' if self.hidden else ''}"
 
     def fail(self, message: str, mistake: str | None = None):
         text = f"{self.label}: {message}"
@@ -165,7 +166,9 @@ class Exercise:
         raise CheckFailed(text)
 
     def passed(self, what: str) -> None:
-        """Print the single success line."""
+        """Print the single success line (a hidden test prints nothing)."""
+        if self.hidden:
+            return
         print(f"✓ Exercise {self.number} {self.name}: passed ({what})")
 
     # ---------------------------------------------------------------- calling the learner

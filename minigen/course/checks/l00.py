@@ -13,7 +13,7 @@ import torch
 
 from minigen.course.checks._framework import Exercise, _fmt_shape, checker, show_hint
 
-__all__ = ["hint", "to_minus_one_one", "to_display", "make_grid", "reconstruction_loss"]
+__all__ = ["hint", "to_minus_one_one", "to_display", "make_grid", "reconstruction_loss", "to_minus_one_one_hidden", "to_display_hidden", "make_grid_hidden", "reconstruction_loss_hidden"]
 
 
 # ---------------------------------------------------------------------------- 0.1
@@ -247,6 +247,60 @@ def reconstruction_loss(fn) -> None:
         ])
         ex.gradients_flow(out, {"x_hat": x_hat}, what="the loss")
     ex.passed("values, scalar shape, gradients")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def to_minus_one_one_hidden(fn) -> None:
+    """Hidden test of 0.1: an empty batch, a non-contiguous view, every value 0..255 once."""
+    ex = Exercise("0.1", "to_minus_one_one", hidden=True)
+    every = torch.arange(256, dtype=torch.uint8)
+    out = ex.tensor(ex.call(fn, every.clone()), shape=(256,), dtype=torch.float32, what="the output for 0..255")
+    ex.close(out, every.double() / 127.5 - 1, atol=1e-6, what="the output for every value 0..255")
+    x = torch.randint(0, 256, (3, 5, 4), generator=torch.Generator().manual_seed(100), dtype=torch.uint8)
+    view = x.transpose(0, 2)  # (4, 5, 3), not contiguous
+    out = ex.tensor(ex.call(fn, view), shape=(4, 5, 3), dtype=torch.float32, what="the output for a transposed view")
+    ex.close(out, view.double() / 127.5 - 1, atol=1e-6, what="the output for a transposed view")
+    ex.tensor(ex.call(fn, torch.zeros(0, 3, 8, 8, dtype=torch.uint8)), shape=(0, 3, 8, 8), dtype=torch.float32,
+              what="the output for an empty batch")
+
+
+@checker
+def to_display_hidden(fn) -> None:
+    """Hidden test of 0.2: exact values at -1, 0, +1 and far outside [-1, 1]; a single image."""
+    ex = Exercise("0.2", "to_display", hidden=True)
+    x = torch.tensor([-1.0, 1.0, 0.0, -50.0, 50.0, 0.5]).view(2, 3, 1)  # (C=2, H=3, W=1)
+    out = ex.tensor(ex.call(fn, x.clone()), shape=(3, 1, 2), dtype=torch.uint8, what="the pixels of one image")
+    want = torch.tensor([0, 255, 128, 0, 255, 191], dtype=torch.float64).view(2, 3, 1).movedim(0, -1)
+    ex.close(out, want, atol=0.0, what="the pixels for -1, +1, 0, -50, +50 and 0.5")
+
+
+@checker
+def make_grid_hidden(fn) -> None:
+    """Hidden test of 0.3: one image, and exactly nrow images (one full row)."""
+    ex = Exercise("0.3", "make_grid", hidden=True)
+    g = torch.Generator().manual_seed(103)
+    for n, nrow, padding in [(1, 4, 1), (3, 3, 2)]:
+        images = torch.randint(0, 255, (n, 4, 5, 3), generator=g, dtype=torch.uint8)
+        out = ex.call(fn, images, nrow, padding=padding)
+        ref = _reference_grid(images, nrow, padding)
+        out = ex.tensor(out, shape=ref.shape, dtype=torch.uint8, what=f"the grid of {n} image(s), nrow={nrow}")
+        ex.close(out, ref, atol=0.0, what=f"the grid of {n} image(s), nrow={nrow}")
+
+
+@checker
+def reconstruction_loss_hidden(fn) -> None:
+    """Hidden test of 0.4: zero for equal inputs, symmetric, and the exact gradient 2 (x_hat - x) / n."""
+    ex = Exercise("0.4", "reconstruction_loss", hidden=True)
+    g = torch.Generator().manual_seed(104)
+    x = torch.rand(3, 2, 4, 5, generator=g) * 2 - 1
+    ex.close(ex.tensor(ex.call(fn, x.clone(), x.clone()), shape=(), what="the loss of x against itself"),
+             torch.zeros(()), atol=0.0, what="the loss of x against itself")
+    x_hat = (torch.rand(x.shape, generator=g) * 2 - 1).requires_grad_()
+    loss = ex.tensor(ex.call(fn, x_hat, x), shape=(), what="the loss")
+    (grad,) = torch.autograd.grad(loss, [x_hat])
+    ex.close(grad, 2 * (x_hat.detach().double() - x.double()) / x.numel(), atol=1e-7, rtol=1e-5,
+             what="the gradient with respect to x_hat")
 
 
 # ---------------------------------------------------------------------------- hints

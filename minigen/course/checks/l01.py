@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["hint", "reparameterize", "gaussian_kl", "vae_loss", "interpolate"]
+__all__ = ["hint", "reparameterize", "gaussian_kl", "vae_loss", "interpolate", "gaussian_kl_hidden", "interpolate_hidden"]
 
 
 # ---------------------------------------------------------------------------- 1.1
@@ -327,6 +327,36 @@ def interpolate(fn) -> None:
             (a + t[:, None] * b, "z1 + t * z2 is not the straight line; use (1 - t) * z1 + t * z2"),
         ])
     ex.passed("endpoints, even spacing, shape (steps, latent_dim)")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def gaussian_kl_hidden(fn) -> None:
+    """Hidden test of 1.2: KL(prior || prior) = 0 exactly, KL >= 0, float64 kept, one example."""
+    ex = Exercise("1.2", "gaussian_kl", hidden=True)
+    zero = ex.tensor(ex.call(fn, torch.zeros(3, 4), torch.zeros(3, 4)), shape=(3,), what="KL(prior || prior)")
+    ex.close(zero, torch.zeros(3), atol=0.0, what="KL(N(0, 1) || N(0, 1)), which must be exactly 0")
+    g = torch.Generator().manual_seed(102)
+    mu = torch.randn(1, 7, generator=g, dtype=torch.float64) * 2
+    logvar = torch.randn(1, 7, generator=g, dtype=torch.float64) * 2
+    out = ex.tensor(ex.call(fn, mu, logvar), shape=(1,), dtype=torch.float64, what="the KL of float64 inputs")
+    ex.close(out, 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1), atol=1e-12, rtol=1e-12,
+             what="the KL of one float64 example")
+    if float(out) < 0:
+        ex.fail("the KL is negative; a KL divergence is never below 0")
+
+
+@checker
+def interpolate_hidden(fn) -> None:
+    """Hidden test of 1.4: steps = 1 gives z1 alone; the ends are exact; float64 kept."""
+    ex = Exercise("1.4", "interpolate", hidden=True)
+    g = torch.Generator().manual_seed(114)
+    z1, z2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    out = ex.tensor(ex.call(fn, z1, z2, 7), shape=(7, 6), dtype=torch.float64, what="the path of float64 latents")
+    ex.close(out[0], z1, atol=1e-12, what="the first point (must be z1)")
+    ex.close(out[-1], z2, atol=1e-12, what="the last point (must be z2)")
+    one = ex.tensor(ex.call(fn, z1, z2, 1), shape=(1, 6), what="the path with steps=1")
+    ex.close(one[0], z1, atol=1e-12, what="the path with steps=1 (torch.linspace(0, 1, 1) is [0])")
 
 
 # ---------------------------------------------------------------------------- hints

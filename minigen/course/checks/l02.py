@@ -470,7 +470,35 @@ def perplexity(fn) -> None:
     ex.passed("values (uniform, collapsed, skewed), unused codes, scalar shape")
 
 
-__all__ = ["hint", "CheckFailed", "quantize", "straight_through_and_losses", "ema_update", "perplexity"]
+__all__ = ["hint", "CheckFailed", "quantize", "straight_through_and_losses", "ema_update", "perplexity", "quantize_hidden", "perplexity_hidden"]
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def quantize_hidden(fn) -> None:
+    """Hidden test of 2.1: one vector, one code, and vectors that are exact copies of codes."""
+    ex = Exercise("2.1", "quantize", hidden=True)
+    g = torch.Generator().manual_seed(210)
+    e = _codebook(g, 9, 5)
+    out = ex.tensor(ex.call(fn, e.clone(), e.clone()), shape=(9,), dtype=torch.int64,
+                    what="the indices of the codes themselves")
+    if not torch.equal(out, torch.arange(9)):
+        ex.fail(f"each code is its own nearest code, but you returned {out.tolist()} for the codes 0..8")
+    out = ex.tensor(ex.call(fn, torch.randn(1, 5, generator=g), e[:1].clone()), shape=(1,), dtype=torch.int64,
+                    what="the index for a one-code codebook")
+    if int(out) != 0:
+        ex.fail(f"with a single code the index must be 0, got {int(out)}")
+
+
+@checker
+def perplexity_hidden(fn) -> None:
+    """Hidden test of 2.4: exactly 1 for one index, exactly K for a uniform histogram, int32 indices."""
+    ex = Exercise("2.4", "perplexity", hidden=True)
+    one = ex.tensor(ex.call(fn, torch.tensor([3]), 8), shape=(), what="the perplexity of a single index")
+    ex.close(one, torch.tensor(1.0), atol=1e-5, what="the perplexity of a single index")
+    uniform = torch.arange(12, dtype=torch.int32).repeat(3)
+    out = ex.tensor(ex.call(fn, uniform, 12), shape=(), what="the perplexity of int32 indices")
+    ex.close(out, torch.tensor(12.0), atol=1e-4, what="the perplexity of a uniform histogram over 12 codes")
 
 
 # ---------------------------------------------------------------------------- hints

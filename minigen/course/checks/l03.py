@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, checker, show_hint
 
-__all__ = ["hint", "gan_losses", "adaptive_weight", "patch_discriminator"]
+__all__ = ["hint", "gan_losses", "adaptive_weight", "patch_discriminator", "gan_losses_hidden"]
 
 
 # ---------------------------------------------------------------------------- 3.1
@@ -423,6 +423,26 @@ def patch_discriminator(cls) -> None:
         ex.gradients_flow(out, {"x": x}, what="the output in train mode")
     ex.passed(f"parameter shapes, outputs with known weights (eval and train mode), output grid 7x7 at 32 px, "
               f"receptive field {_receptive_field(_SPEC)} px, gradients")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def gan_losses_hidden(hinge_d_loss, generator_loss) -> None:
+    """Hidden test of 3.1: the exact gradients of both losses (one logit per patch, many patches)."""
+    ex = Exercise("3.1", "gan_losses", hidden=True)
+    g = torch.Generator().manual_seed(310)
+    lr = (torch.randn(3, 1, 5, 5, generator=g) * 2).requires_grad_()
+    lf = (torch.randn(3, 1, 5, 5, generator=g) * 2).requires_grad_()
+    d = ex.tensor(ex.call(hinge_d_loss, lr, lf), shape=(), what="the discriminator loss")
+    gr, gf = torch.autograd.grad(d, [lr, lf])
+    n = lr.numel()
+    ex.close(gr, -0.5 * (lr.detach() < 1).double() / n, atol=1e-7, what="d loss / d logits_real")
+    ex.close(gf, 0.5 * (lf.detach() > -1).double() / n, atol=1e-7, what="d loss / d logits_fake")
+    lf2 = torch.randn(2, 1, 3, 4, generator=g).requires_grad_()
+    gl = ex.tensor(ex.call(generator_loss, lf2), shape=(), what="the generator loss")
+    (gg,) = torch.autograd.grad(gl, [lf2])
+    ex.close(gg, torch.full(lf2.shape, -1.0 / lf2.numel(), dtype=torch.float64), atol=1e-7,
+             what="d generator loss / d logits_fake")
 
 
 # ---------------------------------------------------------------------------- hints

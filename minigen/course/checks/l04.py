@@ -13,7 +13,7 @@ import torch
 
 from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["hint", "causal_attention", "sample_next", "attend_with_cache"]
+__all__ = ["hint", "causal_attention", "sample_next", "attend_with_cache", "causal_attention_hidden"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -251,6 +251,20 @@ def attend_with_cache(fn) -> None:
     ex.close(torch.cat(ys, dim=2), _attention64(q, k, v), atol=1e-5, rtol=1e-4,
              what="the outputs of a 9-token sequence fed in 6 pieces through your cache")
     ex.passed("appends, attends over every cached position, equals uncached attention")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def causal_attention_hidden(fn) -> None:
+    """Hidden test of 4.1: one position (the output is v), head size 1, float64 kept."""
+    ex = Exercise("4.1", "causal_attention", hidden=True)
+    g = torch.Generator().manual_seed(410)
+    q, k, v = (torch.randn(2, 3, 1, 4, generator=g) for _ in range(3))
+    out = ex.tensor(ex.call(fn, q, k, v), shape=(2, 3, 1, 4), what="the output for a single position")
+    ex.close(out, v, atol=1e-6, what="the output for a single position (it can only attend to itself: v)")
+    q, k, v = (torch.randn(1, 2, 6, 1, generator=g, dtype=torch.float64) for _ in range(3))
+    out = ex.tensor(ex.call(fn, q, k, v), shape=(1, 2, 6, 1), dtype=torch.float64, what="the float64 output")
+    ex.close(out, _attention64(q, k, v), atol=1e-10, what="the output with head size 1 (float64)")
 
 
 # ---------------------------------------------------------------------------- hints

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from minigen.course.checks._framework import CheckFailed, Exercise, seeded, checker, show_hint
 
-__all__ = ["hint", "alphas_cumprod", "q_sample", "training_loss", "p_sample", "p_sample_loop"]
+__all__ = ["hint", "alphas_cumprod", "q_sample", "training_loss", "p_sample", "p_sample_loop", "alphas_cumprod_hidden", "q_sample_hidden"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -496,6 +496,30 @@ def p_sample_loop(fn) -> None:
     ex.mean_std(torch.stack(zs), 0.0, 1.0, what="the noise added at the steps t > 0",
                 mistakes=[(0.5, math.sqrt(1 / 12), "torch.rand_like is uniform on [0, 1); use torch.randn_like")])
     ex.passed(f"order T-1 ... 0, {T} model calls, fresh Gaussian noise, final step without noise")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def alphas_cumprod_hidden(fn) -> None:
+    """Hidden test of 5.1: T = 1, betas of zero (abar stays 1), float64 kept."""
+    ex = Exercise("5.1", "alphas_cumprod", hidden=True)
+    out = ex.tensor(ex.call(fn, torch.tensor([0.3], dtype=torch.float64)), shape=(1,), dtype=torch.float64,
+                    what="alphas_cumprod for T = 1")
+    ex.close(out, torch.tensor([0.7], dtype=torch.float64), atol=1e-15, what="alphas_cumprod for T = 1")
+    out = ex.tensor(ex.call(fn, torch.zeros(5)), shape=(5,), dtype=torch.float32, what="alphas_cumprod of zero betas")
+    ex.close(out, torch.ones(5), atol=0.0, what="alphas_cumprod of zero betas (nothing is noised)")
+
+
+@checker
+def q_sample_hidden(fn) -> None:
+    """Hidden test of 5.2: t = 0 with abar = 1 returns x0; abar = 0 returns the noise."""
+    ex = Exercise("5.2", "q_sample", hidden=True)
+    g = torch.Generator().manual_seed(520)
+    ab = torch.tensor([1.0, 0.5, 0.0])
+    x0, noise = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    out = ex.tensor(ex.call(fn, x0, torch.tensor([0, 2]), noise, ab), shape=(2, 3, 4), what="x_t")
+    ex.close(out, torch.stack([x0[0], noise[1]]), atol=1e-6,
+             what="x_t for abar = 1 (must be x0) and abar = 0 (must be the noise)")
 
 
 # ---------------------------------------------------------------------------- hints

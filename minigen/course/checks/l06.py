@@ -23,7 +23,7 @@ import torch
 
 from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["hint", "ddim_step", "classifier_free_guidance", "inpaint"]
+__all__ = ["hint", "ddim_step", "classifier_free_guidance", "inpaint", "classifier_free_guidance_hidden"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -591,6 +591,22 @@ def _inpaint_case(ex, fn, g, prediction_type, *, seed):
     if abs(float(x_first.mean())) > 6 / math.sqrt(x_first.numel()) or abs(float(x_first.std()) - 1) > 6 / math.sqrt(2 * x_first.numel()):
         ex.fail(f"at the first model call (timestep {grid[0]}) the region to fill has mean "
                 f"{float(x_first.mean()):.3g} and std {float(x_first.std()):.3g}; start from pure noise N(0, I)")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def classifier_free_guidance_hidden(fn) -> None:
+    """Hidden test of 6.2: w = 0 gives out_uncond, w = 1 out_cond; float64 kept; one element."""
+    ex = Exercise("6.2", "classifier_free_guidance", hidden=True)
+    g = torch.Generator().manual_seed(620)
+    u, c = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g,
+                                                                                  dtype=torch.float64)
+    ex.close(ex.tensor(ex.call(fn, u, c, 0.0), shape=u.shape, dtype=torch.float64, what="the output for w = 0"),
+             u, atol=1e-12, what="the output for w = 0 (must be out_uncond)")
+    ex.close(ex.tensor(ex.call(fn, u, c, 1.0), shape=u.shape, dtype=torch.float64, what="the output for w = 1"),
+             c, atol=1e-12, what="the output for w = 1 (must be out_cond)")
+    one = ex.tensor(ex.call(fn, torch.tensor([2.0]), torch.tensor([3.0]), 2.5), shape=(1,), what="one element")
+    ex.close(one, torch.tensor([4.5]), atol=1e-6, what="the output for 2 + 2.5 (3 - 2)")
 
 
 # ---------------------------------------------------------------------------- hints

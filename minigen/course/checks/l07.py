@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, seeded, checker, show_hint
 
-__all__ = ["hint", "cross_attention", "latent_scaling", "text_to_image"]
+__all__ = ["hint", "cross_attention", "latent_scaling", "text_to_image", "latent_scaling_hidden"]
 
 
 # ---------------------------------------------------------------------------- 7.1
@@ -614,6 +614,34 @@ def text_to_image(fn) -> None:
                 "from the generator passed in")
     ex.passed("empty-prompt null condition, CFG direction, DDIM grid without clipping, eps and v, "
               "unscale before decode")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def latent_scaling_hidden(fit_scale_factor, encode, decode) -> None:
+    """Hidden test of 7.2: the fitted factor of latents with std 4 is 1/4; decode undoes encode."""
+    ex = Exercise("7.2", "latent_scaling", hidden=True)
+    g = torch.Generator().manual_seed(720)
+    z = torch.randn(64, 4, 8, 8, generator=g)
+    z = (z - z.mean()) / z.std() * 4.0 + 1.5
+    sf = _as_number(ex, ex.call(fit_scale_factor, z), "the scale factor")
+    if abs(sf - 0.25) > 1e-4:
+        ex.fail(f"for latents whose standard deviation is 4 the scale factor is {sf:.6g}, expected 0.25")
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    scaled = ex.tensor(ex.call(encode, _cube, x, 0.3), shape=x.shape, what="encode with the encoder x -> x^3")
+    ex.close(scaled, x.double() ** 3 * 0.3, atol=1e-5, rtol=1e-5, what="encode with the encoder x -> x^3")
+    back = ex.tensor(ex.call(decode, _cube_root, scaled, 0.3), shape=x.shape, what="decode(encode(x))")
+    ex.close(back, x, atol=1e-4, rtol=1e-4, what="decode(encode(x)) with the decoder z -> z^(1/3)")
+
+
+def _cube(x):
+    """A trusted, nonlinear stand-in encoder (so scaling before and after it differ)."""
+    return x ** 3
+
+
+def _cube_root(z):
+    """The inverse of _cube: a stand-in decoder."""
+    return z.sign() * z.abs() ** (1 / 3)
 
 
 # ---------------------------------------------------------------------------- hints

@@ -12,7 +12,7 @@ import torch
 
 from minigen.course.checks._framework import Exercise, checker, show_hint
 
-__all__ = ["hint", "pareto_front"]
+__all__ = ["hint", "pareto_front", "pareto_front_hidden"]
 
 
 def _front(cost, error, dominates) -> torch.Tensor:
@@ -79,6 +79,20 @@ def pareto_front(fn) -> None:
         ex.fail(f"wrong mask for cost={[round(v, 3) for v in c]}, error={[round(v, 3) for v in e]}: "
                 f"got {out.int().tolist()}, expected {ref.int().tolist()}")
     ex.passed("ties, duplicates, four random tables and a hand-made one")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def pareto_front_hidden(fn) -> None:
+    """Hidden test of 8.1: one model, identical models, and a model beaten on both axes."""
+    ex = Exercise("8.1", "pareto_front", hidden=True)
+    for cost, error, want in [([1.0], [2.0], [True]), ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [True, True, True]),
+                              ([1.0, 2.0], [1.0, 2.0], [True, False]), ([3.0, 1.0, 2.0], [1.0, 3.0, 2.0],
+                                                                       [True, True, True])]:
+        out = ex.call(fn, torch.tensor(cost), torch.tensor(error))
+        out = ex.tensor(out, shape=(len(cost),), dtype=torch.bool, what=f"the mask for cost={cost}, error={error}")
+        if out.tolist() != want:
+            ex.fail(f"for cost={cost}, error={error} the front is {want}, you returned {out.tolist()}")
 
 
 # ---------------------------------------------------------------------------- hints
