@@ -4,6 +4,8 @@ Only the exercise and check cells run (in order, in one namespace), so this take
 not the minutes of executing whole notebooks (nbval does that).
 """
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -29,8 +31,13 @@ def test_solutions_pass_their_checks_and_hidden_tests(path, capsys):
         if builder.exercise_of(cell) is not None:
             exec(builder.source_text(cell), ns)
         elif builder.check_number_of(cell) is not None:
-            exec(builder.source_text(cell), ns)  # hidden tests included: they are in the source
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(builder.source_text(cell), ns)  # hidden tests included: they are in the source
             checked += 1
+            assert printed.getvalue().startswith("✓ Exercise"), printed.getvalue()
+            # nbval compares the check cells' saved output: it must be what the check prints now
+            saved = "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                            if o.get("output_type") == "stream")
+            assert saved == printed.getvalue(), f"saved output of '# Check {builder.check_number_of(cell)}' is stale"
     assert checked == len(builder.exercises_in(nb))
-    out = capsys.readouterr().out
-    assert out.count("✓ Exercise") == checked, out
