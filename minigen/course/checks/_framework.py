@@ -206,8 +206,8 @@ class Exercise:
             if isinstance(e, TypeError) and unexpected:
                 raise CheckFailed(
                     f"{self.label}: your function does not accept the keyword argument "
-                    f"`{unexpected.group(1)}`; keep the signature the exercise gives (every argument "
-                    "of it is used by the check)", learner_traceback=learner_traceback_of(e)) from e
+                    f"`{unexpected.group(1)}` ({e}); keep the signature the exercise gives (every "
+                    "argument of it is used by the check)") from e
             missing = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*)", str(e))
             if isinstance(e, TypeError) and missing and not getattr(e, "learner_traceback", None) \
                     and len(traceback.extract_tb(e.__traceback__)) <= 1:
@@ -221,6 +221,13 @@ class Exercise:
                 f"{self.label}: your function raised {type(e).__name__}: {e}\n"
                 f"  It was called with: {shapes or 'no arguments'}.",
                 learner_traceback=learner_traceback_of(e)) from e
+
+    def refail(self, error: CheckFailed, mistake: str):
+        """Raise `error` again with a "Likely mistake" line (keeping the learner's frames)."""
+        if "Likely mistake" in str(error):
+            raise error
+        raise CheckFailed(f"{error}\n  Likely mistake: {mistake}",
+                          learner_traceback=error.learner_traceback) from error.__cause__
 
     # ---------------------------------------------------------------- properties of outputs
     def tensor(self, out, *, shape=None, dtype=None, what: str = "the output") -> torch.Tensor:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from minigen.course.checks._framework import Exercise, _fmt_shape, checker, show_hint
+from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, checker, show_hint
 
 __all__ = ["hint", "to_minus_one_one", "to_display", "make_grid", "reconstruction_loss", "to_minus_one_one_hidden", "to_display_hidden", "make_grid_hidden", "reconstruction_loss_hidden"]
 
@@ -95,7 +95,14 @@ def to_display(fn) -> None:
     for shape in [(3, 8, 6), (2, 1, 5, 7), (4, 3, 4, 9)]:
         x = _display_inputs(shape, g)
         x_before = x.clone()
-        out = ex.call(fn, x)
+        try:
+            out = ex.call(fn, x)
+        except CheckFailed as e:
+            if len(shape) != 3 and "raised" in str(e):
+                ex.refail(e, "your function works for one image (C, H, W) but not for a batch "
+                             f"{_fmt_shape(shape)}: count the axes from the end (the channel axis is -3) "
+                             "so leading batch axes stay where they are")
+            raise
         *lead, c, h, w = shape
         want = (*lead, h, w, c)
         if isinstance(out, torch.Tensor) and tuple(out.shape) != want:
