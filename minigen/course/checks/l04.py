@@ -200,9 +200,9 @@ def attend_with_cache(fn) -> None:
     """Exercise 4.3: append new k, v to the cache and attend the new queries over all of it."""
     ex = Exercise("4.3", "attend_with_cache")
     g = torch.Generator().manual_seed(43)
-    n, h, d = 2, 3, 8
-    # one step at a time, as in sampling: s cached positions, t new ones
-    for s, t in [(0, 4), (5, 1), (4, 3)]:
+    # one step at a time, as in sampling: s cached positions, t new ones; batch, heads and head
+    # size vary too (a single head, an odd head size)
+    for s, t, n, h, d in [(0, 4, 2, 3, 8), (5, 1, 2, 3, 8), (4, 3, 3, 1, 5), (7, 2, 1, 2, 16)]:
         q, k_new, v_new = (torch.randn(n, h, t, d, generator=g) for _ in range(3))
         past_k, past_v = (torch.randn(n, h, s, d, generator=g) for _ in range(2))
         before = [z.clone() for z in (q, k_new, v_new, past_k, past_v)]
