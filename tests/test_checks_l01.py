@@ -190,3 +190,14 @@ def test_interpolate_stub():
 ])
 def test_interpolate_mistakes(answer, fragment):
     fails(check.interpolate, answer, "Exercise 1.4", fragment)
+
+
+def test_reparameterize_noise_from_torch_rng():
+    import random
+
+    def python_random(mu, logvar):
+        eps = torch.tensor([[random.gauss(0, 1) for _ in range(mu.shape[1])] for _ in range(mu.shape[0])])
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    fails(check.reparameterize, python_random, "Exercise 1.1", "torch's random number generator",
+          "torch.randn_like")

@@ -56,6 +56,14 @@ def reparameterize(fn) -> None:
     if torch.equal(z1, z2):
         ex.fail("two calls returned the same z: the noise must be fresh on every call",
                 mistake="don't call torch.manual_seed (or reuse a stored eps) inside the function")
+    # the noise comes from torch's global RNG, so torch.manual_seed makes a run reproducible
+    with seeded(1103):
+        z3 = ex.tensor(ex.call(fn, mu, logvar), shape=(n, d), what="z")
+    if not torch.equal(z1, z3):
+        ex.fail("after the same torch.manual_seed, your function drew different noise: it does not use "
+                "torch's random number generator",
+                mistake="draw the noise with torch.randn_like(mu) (numpy or Python's random ignore "
+                        "torch.manual_seed, so training runs would not be reproducible)")
 
     # 2. the distribution of z for one known mu and sigma, over many draws
     mu0, sigma0 = 0.8, 1.5
