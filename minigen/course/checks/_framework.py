@@ -192,9 +192,10 @@ class Exercise:
                 raise CheckFailed(
                     f"{self.label} calls exercise {other.group(1)}, which is not done yet: "
                     f"finish exercise {other.group(1)} first") from None
+            where = str(e).split(" — ", 1)[1] if " — " in str(e) else ""  # the stub's "read ..."
             raise CheckFailed(
                 f"{self.label} is not done yet: replace the `raise NotImplementedError` "
-                "with your code") from None
+                f"with your code{f' ({where})' if where else ''}") from None
         except TimeoutError as e:
             limit = getattr(e, "limit_s", None)
             raise CheckFailed(
