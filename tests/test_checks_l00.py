@@ -223,3 +223,36 @@ def test_subclass_output_rejected():
     ex = Exercise("9.9", "x")
     with pytest.raises(CheckFailed, match="subclass"):
         ex.tensor(torch.zeros(2).as_subclass(Sneaky))
+
+
+def test_to_display_single_image_only():
+    def one_image(x):
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+
+    msg = fails(check.to_display, one_image, "Exercise 0.2", "RuntimeError", "works for one image")
+    assert "Your" not in msg  # the frames are in learner_traceback, shown by the renderer
+
+
+def test_to_minus_one_one_batch_range_and_ranks():
+    # min/max normalisation passes every batch that holds both 0 and 255; the check has others
+    fails(check.to_minus_one_one, lambda x: (x.float() - x.float().min()) / (x.float().max() - x.float().min()) * 2 - 1,
+          "Exercise 0.1", "batch's own min and max")
+    # any rank: a 1-D batch, a 5-D batch and a single pixel (0-dim)
+    check.to_minus_one_one(lambda x: torch.as_tensor(x, dtype=torch.float32).mul(2 / 255).sub(1))
+
+
+def test_make_grid_keywords_and_defaults():
+    def other_default(images, nrow, padding=0):
+        return good_grid(images, nrow, padding)
+
+    fails(check.make_grid, other_default, "Exercise 0.3", "padding=2")
+
+    def positional_only(images, nrow, pad=2):
+        return good_grid(images, nrow, pad)
+
+    fails(check.make_grid, positional_only, "keyword argument `padding`")
+
+
+def test_reconstruction_loss_any_rank(capsys):
+    check.reconstruction_loss(lambda a, b: torch.mean(torch.square(a - b)))
+    assert "✓ Exercise 0.4" in capsys.readouterr().out

@@ -112,7 +112,7 @@ def good_loss(logits, x, mu, logvar, beta=1.0):
 def test_vae_loss_correct(capsys):
     check.vae_loss(good_loss)
 
-    def per_pixel_formula(logits, x, mu, logvar, beta):  # softplus form, summed per image
+    def per_pixel_formula(logits, x, mu, logvar, beta=1.0):  # softplus form, summed per image
         t = (x + 1) / 2
         recon = (F.softplus(logits) - t * logits).sum(dim=(1, 2, 3))
         return recon.mean() + beta * good_kl(mu, logvar).mean()
@@ -129,30 +129,35 @@ def bce(logits, x, reduction="none"):
 
 
 @pytest.mark.parametrize("answer, fragment", [
-    (lambda l, x, mu, lv, b: (bce(l, x).flatten(1).mean(1) + b * good_kl(mu, lv)).mean(), "SUM over its pixels"),
-    (lambda l, x, mu, lv, b: bce(l, x, "mean") + b * good_kl(mu, lv).mean(), "SUM over its pixels"),
-    (lambda l, x, mu, lv, b: (F.binary_cross_entropy_with_logits(l, x, reduction="none").flatten(1).sum(1)
-                              + b * good_kl(mu, lv)).mean(), "(x + 1) / 2"),
-    (lambda l, x, mu, lv, b: (b * bce(l, x).flatten(1).sum(1) + good_kl(mu, lv)).mean(), "wrong term"),
-    (lambda l, x, mu, lv, b: (bce(l, x).flatten(1).sum(1) + good_kl(mu, lv)).mean(), "beta is not used"),
-    (lambda l, x, mu, lv, b: (bce(l, x).flatten(1).sum(1) + b * good_kl(mu, lv)).sum(), "summed over the batch"),
-    (lambda l, x, mu, lv, b: -good_loss(l, x, mu, lv, b), "NEGATIVE ELBO"),
-    (lambda l, x, mu, lv, b: (bce(l, x).flatten(1).sum(1) - b * good_kl(mu, lv)).mean(), "KL is subtracted"),
-    (lambda l, x, mu, lv, b: good_loss(torch.sigmoid(l), x, mu, lv, b), "sigmoid before"),
-    (lambda l, x, mu, lv, b: (F.binary_cross_entropy(torch.sigmoid(l), (x + 1) / 2, reduction="none")
-                              .flatten(1).sum(1) + b * good_kl(mu, lv)).mean(), "saturates"),
-    (lambda l, x, mu, lv, b: bce(l, x).flatten(1).sum(1) + b * good_kl(mu, lv), "average over the batch"),
-    (lambda l, x, mu, lv, b: good_loss(l.detach(), x, mu, lv, b), "no gradient"),
+    (lambda l, x, mu, lv, beta=1.0: (bce(l, x).flatten(1).mean(1) + beta * good_kl(mu, lv)).mean(), "SUM over its pixels"),
+    (lambda l, x, mu, lv, beta=1.0: bce(l, x, "mean") + beta * good_kl(mu, lv).mean(), "SUM over its pixels"),
+    (lambda l, x, mu, lv, beta=1.0: (F.binary_cross_entropy_with_logits(l, x, reduction="none").flatten(1).sum(1)
+                              + beta * good_kl(mu, lv)).mean(), "(x + 1) / 2"),
+    (lambda l, x, mu, lv, beta=1.0: (beta * bce(l, x).flatten(1).sum(1) + good_kl(mu, lv)).mean(), "wrong term"),
+    (lambda l, x, mu, lv, beta=1.0: (bce(l, x).flatten(1).sum(1) + good_kl(mu, lv)).mean(), "beta is not used"),
+    (lambda l, x, mu, lv, beta=1.0: (bce(l, x).flatten(1).sum(1) + beta * good_kl(mu, lv)).sum(), "summed over the batch"),
+    (lambda l, x, mu, lv, beta=1.0: -good_loss(l, x, mu, lv, beta), "NEGATIVE ELBO"),
+    (lambda l, x, mu, lv, beta=1.0: (bce(l, x).flatten(1).sum(1) - beta * good_kl(mu, lv)).mean(), "KL is subtracted"),
+    (lambda l, x, mu, lv, beta=1.0: good_loss(torch.sigmoid(l), x, mu, lv, beta), "sigmoid before"),
+    (lambda l, x, mu, lv, beta=1.0: (F.binary_cross_entropy(torch.sigmoid(l), (x + 1) / 2, reduction="none")
+                              .flatten(1).sum(1) + beta * good_kl(mu, lv)).mean(), "saturates"),
+    (lambda l, x, mu, lv, beta=1.0: bce(l, x).flatten(1).sum(1) + beta * good_kl(mu, lv), "average over the batch"),
+    (lambda l, x, mu, lv, beta=1.0: good_loss(l.detach(), x, mu, lv, beta), "no gradient"),
 ])
 def test_vae_loss_mistakes(answer, fragment):
     fails(check.vae_loss, answer, "Exercise 1.3", fragment)
 
 
+def test_vae_loss_beta_default_and_keyword():
+    fails(check.vae_loss, lambda l, x, mu, lv, beta=0.5: good_loss(l, x, mu, lv, beta), "Exercise 1.3", "beta=1.0")
+    fails(check.vae_loss, lambda l, x, mu, lv, b=1.0: good_loss(l, x, mu, lv, b), "keyword argument `beta`")
+
+
 def test_vae_loss_unstable_formula_is_caught():
-    def by_hand(l, x, mu, lv, b):
+    def by_hand(l, x, mu, lv, beta=1.0):
         t, p = (x + 1) / 2, torch.sigmoid(l)
         recon = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).flatten(1).sum(1)
-        return (recon + b * good_kl(mu, lv)).mean()
+        return (recon + beta * good_kl(mu, lv)).mean()
     fails(check.vae_loss, by_hand, "Exercise 1.3", "binary_cross_entropy_with_logits")
 
 
@@ -185,3 +190,14 @@ def test_interpolate_stub():
 ])
 def test_interpolate_mistakes(answer, fragment):
     fails(check.interpolate, answer, "Exercise 1.4", fragment)
+
+
+def test_reparameterize_noise_from_torch_rng():
+    import random
+
+    def python_random(mu, logvar):
+        eps = torch.tensor([[random.gauss(0, 1) for _ in range(mu.shape[1])] for _ in range(mu.shape[0])])
+        return mu + torch.exp(0.5 * logvar) * eps
+
+    fails(check.reparameterize, python_random, "Exercise 1.1", "torch's random number generator",
+          "torch.randn_like")

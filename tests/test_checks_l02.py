@@ -103,7 +103,7 @@ def test_st_and_losses_correct(capsys):
     check.straight_through_and_losses(good_st, good_losses)
     check.straight_through_and_losses(
         lambda z, z_q: z - z.detach() + z_q.detach(),
-        lambda z, z_q, beta: ((((z_q - z.detach()) ** 2).mean() * (1 + 0) + beta * ((z - z_q.detach()) ** 2).mean()),
+        lambda z, z_q, beta=0.25: ((((z_q - z.detach()) ** 2).mean() * (1 + 0) + beta * ((z - z_q.detach()) ** 2).mean()),
                               ((z.detach() - z_q) ** 2).mean(), ((z - z_q.detach()) ** 2).mean()))
     assert capsys.readouterr().out.count("✓ Exercise 2.2 straight_through_and_losses: passed") == 2
 
@@ -191,7 +191,10 @@ def per_element(z, z_q, beta=0.25):
     (weighted_commitment, "unweighted"),
     (loss_without_stop_gradients, "no stop-gradients"),
     (per_element, "single number"),
-    (lambda z, z_q, beta: good_losses(z, z_q, beta)[0], "three values"),
+    (lambda z, z_q, beta=0.25: good_losses(z, z_q, beta)[0], "three values"),
+    (lambda z, z_q, beta=0.25: good_losses(z, z_q, 0.25), "beta=0.6 was ignored"),
+    (lambda z, z_q, beta=1.0: good_losses(z, z_q, beta), "loss (beta=0.25)"),
+    (lambda z, z_q, beta: good_losses(z, z_q, beta), "no default in your signature"),
 ])
 def test_vq_losses_mistakes(answer, fragment):
     fails(check.straight_through_and_losses, good_st, answer, ["Exercise 2.2", fragment])
@@ -266,7 +269,7 @@ def test_ema_update_mistakes(answer, fragment):
 
 def test_ema_no_smoothing_with_tiny_eps_gives_nan_message():
     # the first case (eps=0.3) would already catch it; check the NaN path on its own
-    def nan_only_on_zero_code(N, m, z, i, decay, eps):
+    def nan_only_on_zero_code(N, m, z, i, decay=0.99, eps=1e-5):
         out = good_ema(N, m, z, i, decay, eps)
         if eps < 1e-3:
             return ema_variant(smooth="none")(N, m, z, i, decay, eps)
@@ -347,3 +350,56 @@ def test_learner_functions_plug_into_vector_quantizer():
     loss.backward()
     assert z_q.shape == z.shape and z.grad is not None
     assert float(good_perplexity(info["indices"], 16)) == pytest.approx(float(info["perplexity"]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- unused codes anywhere
+def test_ema_without_minlength():
+    def no_minlength(cluster_size, embed_sum, z_flat, indices, decay=0.99, eps=1e-5):
+        K = cluster_size.shape[0]
+        counts = torch.bincount(indices).float()
+        sums = torch.zeros_like(embed_sum).index_add_(0, indices, z_flat)
+        cluster_size = decay * cluster_size + (1 - decay) * counts
+        embed_sum = decay * embed_sum + (1 - decay) * sums
+        n = cluster_size.sum()
+        return cluster_size, embed_sum, embed_sum / ((cluster_size + eps) / (n + K * eps) * n)[:, None]
+
+    fails(check.ema_update, no_minlength, ["Exercise 2.3", "minlength=K"])
+
+
+def test_ema_wrong_defaults_and_keywords():
+    def fixed_decay(cluster_size, embed_sum, z_flat, indices, decay=0.99, eps=1e-5):
+        return good_ema(cluster_size, embed_sum, z_flat, indices, 0.99, eps)
+
+    fails(check.ema_update, fixed_decay, ["Exercise 2.3", "decay=0.8"])
+
+    def ema(cluster_size, embed_sum, z_flat, indices, decay=0.9, eps=1e-5):
+        return good_ema(cluster_size, embed_sum, z_flat, indices, decay, eps)
+
+    fails(check.ema_update, ema, ["Exercise 2.3", "default decay and eps"])
+
+
+def test_perplexity_other_valid_histograms(capsys):
+    # the perplexity depends only on the multiset of counts: any histogram with one bin per
+    # used code is right, wherever the unused codes are
+    def histc(indices, num_codes):
+        counts = torch.histc(indices.flatten().float(), bins=num_codes)
+        p = counts / counts.sum()
+        return torch.exp(-torch.special.xlogy(p, p).sum())
+
+    def unique(indices, num_codes):
+        _, counts = torch.unique(indices, return_counts=True)
+        p = counts.float() / indices.numel()
+        return torch.exp(-(p * p.log()).sum())
+
+    check.perplexity(histc)
+    check.perplexity(unique)
+    assert capsys.readouterr().out.count("✓ Exercise 2.4") == 2
+
+
+def test_perplexity_wrong_on_unused_first_codes():
+    def offset(indices, num_codes):  # assumes code 0 is used: normalises by the codes up to the max
+        counts = torch.bincount(indices.flatten() - indices.min(), minlength=num_codes).float()
+        p = counts / num_codes
+        return torch.exp(-torch.special.xlogy(p, p).sum())
+
+    fails(check.perplexity, offset, ["Exercise 2.4", "counts / num_codes"])

@@ -171,11 +171,84 @@ class Named(nn.Module):
         return self.conv3(self.act2(self.norm2(self.conv2(self.act1(self.conv1(x))))))
 
 
+class Functional(nn.Module):
+    """A correct answer with functional activations and the layers registered in another order."""
+
+    def __init__(self, in_channels=3, ndf=64):
+        super().__init__()
+        self.head = nn.Conv2d(ndf * 2, 1, 4, 1, 1, bias=False)
+        self.norm = nn.BatchNorm2d(ndf * 2)
+        self.down2 = nn.Conv2d(ndf, ndf * 2, 4, 2, 1)  # a bias before BatchNorm is redundant, not wrong
+        self.down1 = nn.Conv2d(in_channels, ndf, 4, 2, 1)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.down1(x), 0.2)
+        h = F.leaky_relu(self.norm(self.down2(h)), negative_slope=0.2)
+        return self.head(h)
+
+
 def test_patch_discriminator_correct(capsys):
     check.patch_discriminator(GoodD)
     check.patch_discriminator(Named)
+    check.patch_discriminator(Functional)
     out = capsys.readouterr().out
-    assert out.count("✓ Exercise 3.3 patch_discriminator: passed") == 2 and "7x7" in out
+    assert out.count("✓ Exercise 3.3 patch_discriminator: passed") == 3 and "7x7" in out
+
+
+class FunctionalWrong(Functional):
+    def __init__(self, in_channels=3, ndf=64, slope=0.2, last=False):
+        super().__init__(in_channels, ndf)
+        self.slope, self.last = slope, last
+
+    def forward(self, x):
+        h = F.leaky_relu(self.down1(x), self.slope)
+        h = F.leaky_relu(self.norm(self.down2(h)), self.slope)
+        h = self.head(h)
+        return F.leaky_relu(h, 0.2) if self.last else h
+
+
+def functional_variant(**kw):
+    class V(FunctionalWrong):
+        def __init__(self, in_channels=3, ndf=64):
+            super().__init__(in_channels, ndf, **kw)
+    return V
+
+
+@pytest.mark.parametrize("answer, fragment", [
+    (functional_variant(slope=0.01), "slope is 0.01"),
+    (functional_variant(slope=0.0), "ReLU instead of LeakyReLU"),
+    (functional_variant(last=True), "activation after the last conv"),
+])
+def test_patch_discriminator_functional_mistakes(answer, fragment):
+    fails(check.patch_discriminator, answer, "Exercise 3.3", fragment)
+
+
+def test_patch_discriminator_wrong_layers():
+    class WithLinear(GoodD):
+        def __init__(self, in_channels=3, ndf=64):
+            super().__init__(in_channels, ndf)
+            self.fc = nn.Linear(4, 1)
+
+    class Instance(GoodD):
+        def __init__(self, in_channels=3, ndf=64):
+            super().__init__(in_channels, ndf)
+            self.main[3] = nn.InstanceNorm2d(2 * ndf, affine=True)
+
+    class NoEvalStats(GoodD):  # BatchNorm always in batch mode: wrong in eval mode
+        def forward(self, x):
+            h = self.main[:3](x)
+            h = F.batch_norm(h, None, None, self.main[3].weight, self.main[3].bias, training=True)
+            return self.main[5](self.main[4](h))
+
+    class Kernel3(GoodD):
+        def __init__(self, in_channels=3, ndf=64):
+            super().__init__(in_channels, ndf)
+            self.main[0] = nn.Conv2d(in_channels, ndf, 3, 2, 1)
+
+    fails(check.patch_discriminator, WithLinear, "fully convolutional")
+    fails(check.patch_discriminator, Instance, "BatchNorm2d")
+    fails(check.patch_discriminator, NoEvalStats, "eval mode")
+    fails(check.patch_discriminator, Kernel3, "kernel 3 instead of 4")
 
 
 def test_patch_discriminator_stub():
@@ -189,7 +262,7 @@ def test_patch_discriminator_stub():
 
 @pytest.mark.parametrize("answer, fragment", [
     (variant(sigmoid=True), "raw logits"),
-    (variant(act=nn.LeakyReLU), "defaults to 0.01"),
+    (variant(act=nn.LeakyReLU), "nn.LeakyReLU()'s default"),
     (variant(act=nn.ReLU), "LeakyReLU(0.2)"),
     (variant(first_norm=True), "no norm on the first layer"),
     (variant(strides=(2, 2, 2)), "stride 1"),

@@ -64,12 +64,39 @@ def good_sample(logits, temperature=1.0, top_k=None, generator=None):
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def signature(f):
+    """A positional (logits, t, k, g) answer with the exercise's signature and defaults."""
+    def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+        return f(logits, temperature, top_k, generator)
+    return sample_next
+
+
+def gumbel_max(logits, temperature=1.0, top_k=None, generator=None):
+    """Another valid formulation: argmax of logits + Gumbel noise samples the softmax."""
+    z = logits / temperature
+    if top_k is not None:
+        z = z.masked_fill(z < torch.topk(z, top_k, dim=-1).values[..., -1:], float("-inf"))
+    u = torch.rand(z.shape, generator=generator).clamp(1e-20, 1)
+    return (z - (-u.log()).log()).argmax(-1)
+
+
 def test_sample_next_correct(capsys):
     check.sample_next(good_sample)
-    # ignoring the generator (global RNG) is fine too
-    check.sample_next(lambda l, t, k, g: good_sample(l, t, k, None))
+    check.sample_next(gumbel_max)
     out = capsys.readouterr().out
     assert out.count("\n") == 2 and out.startswith("✓ Exercise 4.2 sample_next: passed")
+
+
+def test_sample_next_generator_and_defaults():
+    # the global RNG instead of the generator passed in
+    fails(check.sample_next, signature(lambda l, t, k, g: good_sample(l, t, k, None)), "same `generator`",
+          "generator=generator")
+
+    def wrong_default(logits, temperature=0.5, top_k=None, generator=None):
+        return good_sample(logits, temperature, top_k, generator)
+
+    fails(check.sample_next, wrong_default, "temperature=1.0, top_k=None")
+    fails(check.sample_next, lambda l, t, k, g: good_sample(l, t, k, g), "no default in your signature")
 
 
 def test_sample_next_stub():
@@ -108,10 +135,10 @@ def in_place(logits, temperature=1.0, top_k=None, generator=None):
 @pytest.mark.parametrize("answer, fragment", [
     (smallest_k, "*smallest*"),
     (temperature_after_softmax, "temperature is ignored"),
-    (lambda l, t, k, g: good_sample(l, 1 / t, k, g), "multiplied by the temperature"),
-    (lambda l, t, k, g: l.argmax(-1), "argmax"),
+    (signature(lambda l, t, k, g: good_sample(l, 1 / t, k, g)), "multiplied by the temperature"),
+    (signature(lambda l, t, k, g: l.argmax(-1)), "argmax"),
     (uniform_top_k, "drawn uniformly"),
-    (lambda l, t, k, g: good_sample(l, t, k, g)[:, None], ".squeeze(-1)"),
+    (signature(lambda l, t, k, g: good_sample(l, t, k, g)[:, None]), ".squeeze(-1)"),
     (in_place, "in place"),
 ])
 def test_sample_next_mistakes(answer, fragment):

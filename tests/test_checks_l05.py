@@ -57,7 +57,7 @@ def test_alphas_cumprod_dtype_and_inplace():
 
 # ---------------------------------------------------------------------------- 5.2
 def good_q_sample(x0, t, noise, ab):
-    a = ab[t].view(-1, 1, 1, 1)
+    a = col(ab[t], x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
@@ -86,7 +86,7 @@ def test_q_sample_mistakes(answer, fragment):
 
 def test_q_sample_broadcast_hint():
     fails(check.q_sample, lambda x0, t, e, ab: ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * e,
-          "Exercise 5.2", "RuntimeError", "view(-1, 1, 1, 1)")
+          "Exercise 5.2", "RuntimeError", "one 1 per remaining axis")
 
 
 def test_q_sample_float64_output():
@@ -179,11 +179,11 @@ def test_training_loss_detached_and_clean_input():
 def make_p_sample(variance="small", noise_at_0=False, clip=True, wrap=False, std_is_var=False,
                   swap=False, own_noise=False, sqrt_alpha=True):
     def p_sample(x_t, t, eps, ab, noise):
-        a = ab[t].view(-1, 1, 1, 1)
+        a = col(ab[t], x_t)
         if wrap:
-            ap = ab[t - 1].view(-1, 1, 1, 1)
+            ap = col(ab[t - 1], x_t)
         else:
-            ap = torch.where(t > 0, ab[(t - 1).clamp(min=0)], torch.ones_like(ab[t])).view(-1, 1, 1, 1)
+            ap = col(torch.where(t > 0, ab[(t - 1).clamp(min=0)], torch.ones_like(ab[t])), x_t)
         beta = 1 - a / ap
         x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
         if clip:
@@ -197,7 +197,7 @@ def make_p_sample(variance="small", noise_at_0=False, clip=True, wrap=False, std
         std = var if std_is_var else var.sqrt()
         if own_noise:
             noise = torch.randn_like(x_t)
-        mask = torch.ones_like(a) if noise_at_0 else (t > 0).float().view(-1, 1, 1, 1)
+        mask = torch.ones_like(a) if noise_at_0 else col((t > 0).float(), x_t)
         return mean + mask * std * noise
     return p_sample
 
@@ -235,8 +235,8 @@ def test_p_sample_mean_only_and_x0():
           "Exercise 5.4", "only the posterior mean")
 
     def returns_x0(x_t, t, eps, ab, noise):
-        a = ab[t].view(-1, 1, 1, 1)
-        return ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1) + noise * 0.1 * (t > 0).view(-1, 1, 1, 1)
+        a = col(ab[t], x_t)
+        return ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1) + noise * 0.1 * col(t > 0, x_t)
     fails(check.p_sample, returns_x0, "Exercise 5.4", "x0_hat itself")
 
 
@@ -296,3 +296,18 @@ def test_p_sample_loop_int_timestep():
             x = make_p_sample()(x, torch.full((len(x),), i), model_fn(x, i), ab, torch.randn_like(x))
         return x
     fails(check.p_sample_loop, int_t, "Exercise 5.5", "torch.full((N,), i, dtype=torch.long)")
+
+
+def test_only_four_dimensional_inputs_refused():
+    def q_sample_4d(x0, t, noise, ab):
+        a = ab[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    fails(check.q_sample, q_sample_4d, "Exercise 5.2", "(7, 12)", "fits only 4-D image batches")
+
+    def p_sample_4d(x_t, t, eps, ab, noise):
+        if x_t.dim() != 4:
+            x_t = x_t.view(x_t.shape[0], 1, 1, -1)
+        return make_p_sample()(x_t, t, eps.view(x_t.shape), ab, noise.view(x_t.shape))
+
+    fails(check.p_sample, p_sample_4d, "Exercise 5.4", "fits only 4-D image batches")

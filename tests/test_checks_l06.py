@@ -14,7 +14,7 @@ from _check_helpers import stub, fails
 # ---------------------------------------------------------------------------- 6.1
 def make_ddim(*, abar_prev_last=None, sigma_fn=None, dir_fn=None, x0_fn=None, prev_fn=None,
               clip="keep_eps", add_noise=True, draw_noise=True, v_x0_fn=None, v_eps_fn=None,
-              v_as_eps=False, v_clip="keep_eps", unknown="raise"):
+              v_as_eps=False, v_clip="keep_eps", unknown="raise", use_generator=True):
     """A learner-style ddim_step; the keyword arguments inject one typical mistake
     (v_*: in the conversion of a v output; unknown: what happens to other prediction types)."""
 
@@ -54,7 +54,12 @@ def make_ddim(*, abar_prev_last=None, sigma_fn=None, dir_fn=None, x0_fn=None, pr
         x_prev = ab_prev.sqrt() * x0 + d * eps
         if eta > 0 and add_noise:
             if noise is None:
-                noise = torch.randn_like(x_t) if draw_noise else torch.zeros_like(x_t)
+                if not draw_noise:
+                    noise = torch.zeros_like(x_t)
+                elif use_generator:
+                    noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype)
+                else:
+                    noise = torch.randn_like(x_t)
             x_prev = x_prev + sigma * noise
         return x_prev
 
@@ -65,6 +70,16 @@ def test_ddim_step_correct(capsys):
     check.ddim_step(make_ddim())
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("✓ Exercise 6.1 ddim_step: passed")
+
+
+def test_ddim_step_generator_and_defaults():
+    fails(check.ddim_step, make_ddim(use_generator=False), "Exercise 6.1", "same `generator`",
+          "generator=generator")
+
+    def clip_off_by_default(*args, clip_denoised=False, **kw):
+        return make_ddim()(*args, clip_denoised=clip_denoised, **kw)
+
+    fails(check.ddim_step, clip_off_by_default, "clip_denoised defaults to True")
 
 
 def test_ddim_step_v_through_x0_passes(capsys):
@@ -166,10 +181,13 @@ def test_ddim_step_returns_wrong_dtype_or_modifies_input():
 
 # ---------------------------------------------------------------------------- 6.2
 def test_guidance_correct(capsys):
-    check.classifier_free_guidance(lambda u, c, w: u + w * (c - u))
-    check.classifier_free_guidance(lambda u, c, w: w * c + (1 - w) * u)  # the same, rearranged
+    check.classifier_free_guidance(lambda u, c, guidance_scale: u + guidance_scale * (c - u))
+    # the same, rearranged
+    check.classifier_free_guidance(lambda u, c, guidance_scale: guidance_scale * c + (1 - guidance_scale) * u)
+    # Ho & Salimans' parametrisation written with our scale: also right
+    check.classifier_free_guidance(lambda u, c, guidance_scale: c + (guidance_scale - 1) * (c - u))
     check.classifier_free_guidance(diffusion.classifier_free_guidance)
-    assert capsys.readouterr().out.count("✓ Exercise 6.2 classifier_free_guidance: passed") == 3
+    assert capsys.readouterr().out.count("✓ Exercise 6.2 classifier_free_guidance: passed") == 4
 
 
 def test_guidance_stub():
@@ -185,7 +203,17 @@ def test_guidance_stub():
     (lambda u, c, w: (u + c) * w / 2, "not an average"),
 ])
 def test_guidance_mistakes(answer, fragment):
-    fails(check.classifier_free_guidance, answer, "Exercise 6.2", fragment)
+    def keyword(u, c, guidance_scale):
+        return answer(u, c, guidance_scale)
+
+    fails(check.classifier_free_guidance, keyword, "Exercise 6.2", fragment)
+
+
+def test_guidance_scale_must_be_used():
+    fails(check.classifier_free_guidance, lambda u, c, guidance_scale: u + 7.5 * (c - u), "fixed at 7.5")
+    fails(check.classifier_free_guidance, lambda u, c, guidance_scale=1: u + abs(guidance_scale) * (c - u),
+          "w = -0.5")
+    fails(check.classifier_free_guidance, lambda u, c, w: u + w * (c - u), "keyword argument `guidance_scale`")
 
 
 def test_guidance_in_place_and_type():
@@ -194,6 +222,7 @@ def test_guidance_in_place_and_type():
 
     fails(check.classifier_free_guidance, inplace, "in place")
     fails(check.classifier_free_guidance, lambda u, c, w: (u + w * (c - u)).numpy(), "numpy")
+    fails(check.classifier_free_guidance, lambda u, c, w: (u + w * (c - u)).double(), "dtype")
 
 
 # ---------------------------------------------------------------------------- 6.3

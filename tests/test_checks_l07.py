@@ -174,7 +174,8 @@ def test_latent_scaling_in_place():
 
 # ---------------------------------------------------------------------------- 7.3
 def make_t2i(*, null="empty", reverse=False, unscale="divide", clip=False, batched=True, grid=None,
-             ignore_x_T=False, guide=True, pass_prediction_type=True, own_v_to_eps=False):
+             ignore_x_T=False, guide=True, pass_prediction_type=True, own_v_to_eps=False, fixed_w=None,
+             global_noise=False):
     """A learner-style text-to-image sampler; the keyword arguments inject one typical mistake
     (own_v_to_eps: a correct variant that turns v into eps itself and steps with "epsilon")."""
 
@@ -187,7 +188,10 @@ def make_t2i(*, null="empty", reverse=False, unscale="divide", clip=False, batch
             null_context = text_encoder(tokenizer.encode([""] * n))
         else:
             null_context = torch.zeros_like(context)
-        z = torch.randn((n, *latent_shape), generator=generator) if (x_T is None or ignore_x_T) else x_T
+        if fixed_w is not None:
+            guidance_scale = fixed_w
+        noise_from = None if global_noise else generator
+        z = torch.randn((n, *latent_shape), generator=noise_from) if (x_T is None or ignore_x_T) else x_T
         ts = diffusion.ddim_timesteps(len(alphas_cumprod), steps).tolist() if grid is None else grid(steps)
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -287,11 +291,21 @@ def test_text_to_image_hardcoded_epsilon():
 
 
 def test_text_to_image_without_prediction_type_keyword():
+    good = make_t2i()
+
     def old_signature(prompts, *, tokenizer, text_encoder, unet, alphas_cumprod, scale_factor, decode_fn,
                       latent_shape, guidance_scale=5.0, steps=25, x_T=None, generator=None, ddim_step=None):
-        raise AssertionError("the check should not get this far")
+        return good(prompts, tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
+                    alphas_cumprod=alphas_cumprod, scale_factor=scale_factor, decode_fn=decode_fn,
+                    latent_shape=latent_shape, guidance_scale=guidance_scale, steps=steps, x_T=x_T,
+                    generator=generator, ddim_step=ddim_step)
 
-    fails(check.text_to_image, old_signature, "Exercise 7.3", "no `prediction_type` keyword")
+    fails(check.text_to_image, old_signature, "Exercise 7.3", "does not accept the keyword argument `prediction_type`")
+
+
+def test_text_to_image_arguments_used_as_given():
+    fails(check.text_to_image, make_t2i(fixed_w=3.0), "Exercise 7.3", "guidance_scale=1.6 was ignored")
+    fails(check.text_to_image, make_t2i(global_noise=True), "Exercise 7.3", "pass generator=generator")
 
 
 def test_text_to_image_v_guidance_reversed_only_for_v():

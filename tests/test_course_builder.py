@@ -30,6 +30,7 @@ SOURCE = {"nbformat": 4, "nbformat_minor": 4,
                    "class Scaler:\n"
                    "    def __call__(self, x):\n"
                    "        ### BEGIN SOLUTION\n"
+                   "        # Read: section 2 (“Scaling”)\n"
                    "        # Hint: multiply by two\n"
                    "        y = x * 2\n"
                    "        return y\n"
@@ -81,17 +82,40 @@ def by_id(nb, gid):
     return next(c for c in nb["cells"] if c["metadata"]["nbgrader"]["grade_id"] == gid)
 
 
+STUB_91 = ("Exercise 9.1: scale — read section 2 (“Scaling”); for a hint run check.hint('9.1')")
+
+
 def test_stub_replaces_solution_at_its_indentation():
     src = "".join(by_id(lesson(), "exercise-9-1")["source"])
-    assert "multiply by two" not in src.replace("Exercise 9.1: scale — multiply by two", "")
+    assert "multiply by two" not in src, "a solution comment (the old # Hint) leaked into the stub"
     assert "y = x * 2" not in src and "secret-helper" not in src and "BEGIN SOLUTION" not in src
     assert ("    def __call__(self, x):\n        # YOUR CODE HERE\n"
-            "        raise NotImplementedError(\"Exercise 9.1: scale — multiply by two\")\n\n") in src
-    assert "def helper():\n    # YOUR CODE HERE\n    raise NotImplementedError(\"Exercise 9.1: scale — " in src
+            "        raise NotImplementedError(\n") in src
+    # every block of the exercise gets the same message: which exercise, where to read, how to get a hint
+    assert "def helper():\n    # YOUR CODE HERE\n    raise NotImplementedError(" in src
+    assert max(len(line) for line in src.split("\n")) <= builder.STUB_WIDTH
     ns = {}
     exec(src, ns)
-    with pytest.raises(NotImplementedError, match="Exercise 9.1: scale — multiply by two"):
+    with pytest.raises(NotImplementedError) as info:
         ns["Scaler"]()(3)
+    assert str(info.value) == STUB_91
+    with pytest.raises(NotImplementedError) as info:
+        ns["helper"]()
+    assert str(info.value) == STUB_91
+
+
+def test_stub_without_read_line_and_wrapping():
+    ex = builder.ExerciseInfo("9.2", "shift", 1)
+    assert "the text above explains it" in builder.stub_message(ex, None)
+    message = builder.stub_message(ex, "section 7 (“" + "a very long title " * 6 + "”)")
+    for indent in ("", "    ", " " * 12):
+        lines = builder.stub_lines(indent, message, width=60)
+        assert all(len(line) <= 60 for line in lines), lines
+        ns = {}
+        with pytest.raises(NotImplementedError) as info:
+            exec("\n".join(["if True:"] + ["    " + line for line in lines]), ns)
+        assert str(info.value) == message
+    assert builder.stub_lines("    ", "short") == ['    raise NotImplementedError("short")']
 
 
 def test_hidden_tests_outputs_and_metadata_removed():

@@ -36,7 +36,7 @@ SOURCE = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
     cell("# Check 0.1\ncheck.to_minus_one_one(to_minus_one_one)\n### BEGIN HIDDEN TESTS\n"
          "assert to_minus_one_one(torch.tensor([255], dtype=torch.uint8)).item() == 1.0\n"
          "### END HIDDEN TESTS"),
-    cell(EX2 + "    ### BEGIN SOLUTION\n    # Hint: the mean of the squared difference\n" + GOOD2
+    cell(EX2 + "    ### BEGIN SOLUTION\n    # Read: the mean of the squared difference\n" + GOOD2
          + "    ### END SOLUTION"),
     cell("# Check 0.4\ncheck.reconstruction_loss(reconstruction_loss)"),
     cell("import time\ntime.sleep(1000)  # heavy training the grader skips", tags=["skip-grading"]),

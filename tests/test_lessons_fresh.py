@@ -29,7 +29,7 @@ def _block_lines(src: str, begin: str, end: str) -> list[str]:
             inside = True
         elif s.startswith(end):
             inside = False
-        elif inside and s and not s.startswith("# Hint:"):
+        elif inside and s and not s.startswith("# Read:"):
             lines.append(s)
     return lines
 
@@ -49,7 +49,11 @@ def test_no_solution_leaks(path):
         ex = builder.exercise_of(cell)
         if ex is not None:
             stub = lesson_cells[ex.exercise_id]
-            assert f'raise NotImplementedError("Exercise {ex.number}: {ex.name} — ' in stub
+            assert "raise NotImplementedError(" in stub
+            assert f'"Exercise {ex.number}: {ex.name} — read ' in stub
+            assert f"check.hint('{ex.number}')" in stub
+            assert max(map(len, stub.split("\n"))) <= 90 or "NotImplementedError" not in max(
+                stub.split("\n"), key=len), "a stub line runs off the cell"
             for line in _block_lines(src, builder.BEGIN_SOLUTION, builder.END_SOLUTION):
                 if len(line) > 12:  # short lines such as `return x` may legitimately appear elsewhere
                     assert line not in stub, f"solution line leaks into {lesson_path.name}: {line!r}"

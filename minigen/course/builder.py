@@ -9,8 +9,11 @@ and the check of that exercise is the code cell whose first line reads `# Check 
 The builder (nbgrader style):
 
 - replaces each `### BEGIN SOLUTION` ... `### END SOLUTION` block by
-  `# YOUR CODE HERE` + `raise NotImplementedError("Exercise 1.1: reparameterize — <hint>")`
-  at the block's indentation; the hint is the first `# Hint: ...` comment inside the block;
+  `# YOUR CODE HERE` + `raise NotImplementedError("Exercise 1.1: reparameterize — read ...")`
+  at the block's indentation. The stub names the exercise, where to read (the first
+  `# Read: ...` comment in the exercise cell's solution blocks) and how to ask for a hint
+  (`check.hint("1.1")`, kept in the lesson's check module); it gives no part of the answer,
+  and is wrapped so no line is longer than STUB_WIDTH characters;
 - removes `### BEGIN HIDDEN TESTS` ... `### END HIDDEN TESTS` blocks;
 - clears outputs and execution counts;
 - writes nbgrader cell metadata (schema_version 3): exercise cells are "autograded answer"
@@ -44,7 +47,8 @@ EXERCISE_RE = re.compile(
     r"\(\s*(?P<points>\d+(?:\.\d+)?)\s*points?\s*\)\s*$"
 )
 CHECK_RE = re.compile(r"^#\s*Check\s+(?P<number>\d+\.\d+)\b")
-HINT_RE = re.compile(r"^\s*#\s*Hint:\s*(?P<hint>.+?)\s*$")
+READ_RE = re.compile(r"^\s*#\s*Read:\s*(?P<where>.+?)\s*$")
+STUB_WIDTH = 88  # longest stub line: fits a JupyterLab cell at its default width
 
 
 class NotebookError(ValueError):
@@ -128,13 +132,54 @@ def _replace_blocks(src: str, begin: str, end: str, replacement, where: str) -> 
     return "\n".join(out)
 
 
+def stub_message(ex: ExerciseInfo, where: str | None) -> str:
+    """The stub's text: the exercise, where to read, how to get a hint; never the answer."""
+    read = f"read {where}" if where else "the text above explains it"
+    return f"Exercise {ex.number}: {ex.name} — {read}; for a hint run check.hint('{ex.number}')"
+
+
+def stub_lines(indent: str, message: str, width: int = STUB_WIDTH) -> list[str]:
+    """`raise NotImplementedError(message)` at `indent`, split into implicitly joined string
+    pieces when one line would be longer than `width`."""
+    one = f"{indent}raise NotImplementedError({json.dumps(message, ensure_ascii=False)})"
+    if len(one) <= width:
+        return [one]
+    inner = indent + "    "
+    room = max(20, width - len(inner) - 3)  # the quotes and a trailing space or ")"
+    pieces, current = [], ""
+    # break after "; " where possible (one clause per line), else between words
+    for clause in re.split(r"(?<=; )", message):
+        for word in ([clause] if len(clause) + 1 <= room else re.split(r"(?<= )", clause)):
+            if current and len(current + word) + 1 > room:
+                pieces.append(current)
+                current = ""
+            current += word
+    pieces.append(current)
+    body = [f"{inner}{json.dumps(piece, ensure_ascii=False)}" for piece in pieces]
+    body[-1] += ")"
+    return [f"{indent}raise NotImplementedError("] + body
+
+
 def strip_solution(src: str, ex: ExerciseInfo, where: str = "cell") -> str:
-    """Replace the solution blocks of an exercise cell by a stub that names the exercise."""
+    """Replace the solution blocks of an exercise cell by a stub that names the exercise.
+
+    The stub says where to read (the cell's first `# Read: ...` comment inside a solution
+    block); every other line of a solution block, comments included, is dropped.
+    """
+    read = None
+    inside = False
+    for line in src.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith(BEGIN_SOLUTION):
+            inside = True
+        elif stripped.startswith(END_SOLUTION):
+            inside = False
+        elif inside and read is None and READ_RE.match(line):
+            read = READ_RE.match(line)["where"]
+    message = stub_message(ex, read)
 
     def stub(indent, block):
-        hint = next((m["hint"] for m in map(HINT_RE.match, block) if m), "replace this line with your code")
-        message = f"Exercise {ex.number}: {ex.name} — {hint}"
-        return [f"{indent}# YOUR CODE HERE", f"{indent}raise NotImplementedError({json.dumps(message, ensure_ascii=False)})"]
+        return [f"{indent}# YOUR CODE HERE"] + stub_lines(indent, message)
 
     return _replace_blocks(src, BEGIN_SOLUTION, END_SOLUTION, stub, where)
 

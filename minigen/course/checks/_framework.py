@@ -7,6 +7,13 @@ wrong it raises `CheckFailed` with a message that says which property failed (sh
 dtype, values, gradients, statistics) and, when the wrong answer matches a known wrong
 variant, the likely mistake. Success prints exactly one line.
 
+What the learner sees of a failure is the message only: in IPython/Jupyter `CheckFailed`
+renders itself (`_render_traceback_`) as its message, plus the learner's own frames when
+their function raised, never the check's source or its reference values. The same check
+code runs in the learner's kernel on real objects and in the grader on proxies, so it uses
+a learner object only by calling it (and, for a module, state_dict/load_state_dict/train/
+eval/parameters): see PROBE-CONTRACT in the grader's docs.
+
     ex = Exercise("1.1", "reparameterize")
     z = ex.call(fn, mu, logvar)                       # stub -> "Exercise 1.1 ... is not done yet"
     z = ex.tensor(z, shape=mu.shape, dtype=torch.float32)
@@ -17,13 +24,109 @@ variant, the likely mistake. Success prints exactly one line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
+import re
+import textwrap
+import traceback
 
 import torch
 
+_COURSE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../minigen/course
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_RED, _RESET = "\x1b[31m", "\x1b[0m"
+
 
 class CheckFailed(AssertionError):
-    """An exercise check failed; the message says what is wrong and, if known, why."""
+    """An exercise check failed; the message says what is wrong and, if known, why.
+
+    `learner_traceback` (text or None) holds the frames of the learner's own code when their
+    function raised. In IPython the exception renders as the message (and those frames) only.
+    """
+
+    learner_traceback: str | None = None
+
+    def __init__(self, message: str = "", learner_traceback: str | None = None):
+        super().__init__(message)
+        self.learner_traceback = learner_traceback
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows instead of a traceback: the learner's frames, then the message."""
+        lines = []
+        if self.learner_traceback:
+            lines += ["Your code raised an error (your frames only):"]
+            lines += self.learner_traceback.rstrip("\n").split("\n")
+            lines += [""]
+        message = str(self).split("\n")
+        lines += [f"{_RED}✗ {message[0]}{_RESET}"] + message[1:]
+        return lines
+
+
+class LearnerTimeout(TimeoutError):
+    """A learner's function ran past a time limit (raised by the grader's proxies)."""
+
+
+def _learner_frames(exc: BaseException) -> str:
+    """The traceback of `exc` without the check framework's frames (and torch's internals)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if not os.path.abspath(f.filename).startswith(_COURSE_DIR)]
+    learner = [f for f in mine if not os.path.abspath(f.filename).startswith(_TORCH_DIR)]
+    # keep the torch frame the learner's code called into: it names the operation that failed
+    if learner and mine and mine[-1] is not learner[-1]:
+        learner.append(mine[-1])
+    text = "".join(traceback.format_list(learner or mine))
+    return text + "".join(traceback.format_exception_only(type(exc), exc))
+
+
+def learner_traceback_of(exc: BaseException) -> str:
+    """The learner-side traceback: the proxy's text in the grader, the filtered frames in a kernel."""
+    text = getattr(exc, "learner_traceback", None)
+    return text if isinstance(text, str) and text else _learner_frames(exc)
+
+
+_current: list = [None]  # the Exercise of the check now running, for checker()'s message
+
+
+def checker(fn):
+    """Decorate a public check: an unexpected error inside the check (an answer of a shape or
+    type the check did not foresee) becomes a CheckFailed that names the exercise, not a
+    traceback through the check's code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _current[0] = None
+        try:
+            return fn(*args, **kwargs)
+        except CheckFailed:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            ex = _current[0]
+            label = ex.label if ex is not None else f"check.{fn.__name__}"
+            raise CheckFailed(
+                f"{label}: the check could not use what your code returned "
+                f"({type(e).__name__}: {e}).\n  Compare your function's return value with the "
+                "exercise's docstring: its type, shape and dtype") from e
+    return wrapper
+
+
+def show_hint(hints: dict, number: str, level: int = 1) -> None:
+    """Print hint `level` (1: the idea, 2: the recipe in words) of exercise `number`."""
+    number = str(number)
+    if number not in hints:
+        raise ValueError(f"no exercise {number!r} in this lesson; the exercises are "
+                         + ", ".join(sorted(hints)))
+    levels = hints[number]
+    if not isinstance(level, int) or not 1 <= level <= len(levels):
+        raise ValueError(f"exercise {number} has hints 1 to {len(levels)}, not {level!r}")
+    title = ("the idea" if level == 1 else "the recipe, in words") if len(levels) == 2 else f"{level}"
+    print(f"Hint {level}/{len(levels)} for exercise {number} ({title}):")
+    for para in levels[level - 1].split("\n"):
+        print(textwrap.fill(para, width=88, initial_indent="  ", subsequent_indent="  "))
+    if level < len(levels):
+        print(f'  More: check.hint("{number}", {level + 1})')
 
 
 @contextlib.contextmanager
@@ -45,14 +148,16 @@ def _fmt_shape(shape) -> str:
 class Exercise:
     """The check context of one exercise: every message names the exercise."""
 
-    def __init__(self, number: str, name: str):
+    def __init__(self, number: str, name: str, *, hidden: bool = False):
         self.number = number
         self.name = name
+        self.hidden = hidden  # a hidden test (grading time only): silent when it passes
+        _current[0] = self
 
     # ---------------------------------------------------------------- messages
     @property
     def label(self) -> str:
-        return f"Exercise {self.number} ({self.name})"
+        return f"Exercise {self.number} ({self.name}){', hidden test' if self.hidden else ''}"
 
     def fail(self, message: str, mistake: str | None = None):
         text = f"{self.label}: {message}"
@@ -61,7 +166,9 @@ class Exercise:
         raise CheckFailed(text)
 
     def passed(self, what: str) -> None:
-        """Print the single success line."""
+        """Print the single success line (a hidden test prints nothing)."""
+        if self.hidden:
+            return
         print(f"✓ Exercise {self.number} {self.name}: passed ({what})")
 
     # ---------------------------------------------------------------- calling the learner
@@ -73,26 +180,55 @@ class Exercise:
             )
 
     def call(self, fn, *args, **kwargs):
-        """Call the learner's function; turn the stub's NotImplementedError into a clear message."""
+        """Call the learner's function; a stub, an error or a timeout becomes a clear CheckFailed."""
         self.callable(fn)
         try:
             return fn(*args, **kwargs)
-        except NotImplementedError as e:
-            raise CheckFailed(
-                f"{self.label} is not done yet: replace the `raise NotImplementedError` "
-                f"with your code" + (f" ({e})" if str(e) else "")
-            ) from None
         except CheckFailed:
             raise
+        except NotImplementedError as e:
+            other = re.match(r"\s*Exercise (\d+\.\d+)", str(e))
+            if other and other.group(1) != self.number:
+                raise CheckFailed(
+                    f"{self.label} calls exercise {other.group(1)}, which is not done yet: "
+                    f"finish exercise {other.group(1)} first") from None
+            where = str(e).split(" — ", 1)[1] if " — " in str(e) else ""  # the stub's "read ..."
+            raise CheckFailed(
+                f"{self.label} is not done yet: replace the `raise NotImplementedError` "
+                f"with your code{f' ({where})' if where else ''}") from None
+        except TimeoutError as e:
+            limit = getattr(e, "limit_s", None)
+            raise CheckFailed(
+                f"{self.label}: your function took longer than "
+                f"{f'{limit:g} s' if isinstance(limit, (int, float)) else 'the time limit'}; "
+                "look for a loop that never ends or far more work than the exercise needs") from None
         except Exception as e:
-            shapes = ", ".join(
-                _fmt_shape(a.shape) + f" {str(a.dtype).replace('torch.', '')}"
-                if isinstance(a, torch.Tensor) else type(a).__name__ for a in args
-            )
+            unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+            if isinstance(e, TypeError) and unexpected:
+                raise CheckFailed(
+                    f"{self.label}: your function does not accept the keyword argument "
+                    f"`{unexpected.group(1)}` ({e}); keep the signature the exercise gives (every "
+                    "argument of it is used by the check)") from e
+            missing = re.search(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*)", str(e))
+            if isinstance(e, TypeError) and missing and not getattr(e, "learner_traceback", None) \
+                    and len(traceback.extract_tb(e.__traceback__)) <= 1:
+                raise CheckFailed(
+                    f"{self.label}: your function was called without {missing.group(1)} (no default "
+                    "in your signature); keep the signature the exercise gives, defaults included") from e
+            shapes = ", ".join(_describe(a) for a in args)
+            if kwargs:
+                shapes += (", " if shapes else "") + ", ".join(f"{k}={_describe(v)}" for k, v in kwargs.items())
             raise CheckFailed(
                 f"{self.label}: your function raised {type(e).__name__}: {e}\n"
-                f"  It was called with arguments: {shapes}. The traceback above shows the line."
-            ) from e
+                f"  It was called with: {shapes or 'no arguments'}.",
+                learner_traceback=learner_traceback_of(e)) from e
+
+    def refail(self, error: CheckFailed, mistake: str):
+        """Raise `error` again with a "Likely mistake" line (keeping the learner's frames)."""
+        if "Likely mistake" in str(error):
+            raise error
+        raise CheckFailed(f"{error}\n  Likely mistake: {mistake}",
+                          learner_traceback=error.learner_traceback) from error.__cause__
 
     # ---------------------------------------------------------------- properties of outputs
     def tensor(self, out, *, shape=None, dtype=None, what: str = "the output") -> torch.Tensor:
@@ -195,6 +331,14 @@ class Exercise:
             if abs(m - wm) <= 6 * ws / math.sqrt(n) + 1e-12 and abs(sd - ws) <= 6 * ws / math.sqrt(2 * n) + 1e-12:
                 self.fail(msg, mistake=explanation)
         self.fail(msg)
+
+
+def _describe(a) -> str:
+    if isinstance(a, torch.Tensor):
+        return _fmt_shape(a.shape) + " " + str(a.dtype).replace("torch.", "")
+    if isinstance(a, (int, float, bool, str)) or a is None:
+        return repr(a)
+    return type(a).__name__
 
 
 def _is_close(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> bool:

@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigen.course.checks._framework import Exercise, seeded
+from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["reparameterize", "gaussian_kl", "vae_loss", "interpolate"]
+__all__ = ["hint", "reparameterize", "gaussian_kl", "vae_loss", "interpolate", "gaussian_kl_hidden", "interpolate_hidden"]
 
 
 # ---------------------------------------------------------------------------- 1.1
@@ -25,6 +25,7 @@ _NO_GRAD = ("sampling with torch.normal(mu, std) or torch.distributions.Normal(.
             "an input, so gradients flow to mu and logvar (the reparameterisation trick)")
 
 
+@checker
 def reparameterize(fn) -> None:
     """Exercise 1.1: z = mu + exp(0.5 * logvar) * eps, eps ~ N(0, I) with the shape of mu."""
     ex = Exercise("1.1", "reparameterize")
@@ -55,6 +56,14 @@ def reparameterize(fn) -> None:
     if torch.equal(z1, z2):
         ex.fail("two calls returned the same z: the noise must be fresh on every call",
                 mistake="don't call torch.manual_seed (or reuse a stored eps) inside the function")
+    # the noise comes from torch's global RNG, so torch.manual_seed makes a run reproducible
+    with seeded(1103):
+        z3 = ex.tensor(ex.call(fn, mu, logvar), shape=(n, d), what="z")
+    if not torch.equal(z1, z3):
+        ex.fail("after the same torch.manual_seed, your function drew different noise: it does not use "
+                "torch's random number generator",
+                mistake="draw the noise with torch.randn_like(mu) (numpy or Python's random ignore "
+                        "torch.manual_seed, so training runs would not be reproducible)")
 
     # 2. the distribution of z for one known mu and sigma, over many draws
     mu0, sigma0 = 0.8, 1.5
@@ -126,6 +135,7 @@ def _kl_inputs(g, n, d):
     return mu, logvar
 
 
+@checker
 def gaussian_kl(fn) -> None:
     """Exercise 1.2: KL(N(mu, exp(logvar)) || N(0, I)) per example, summed over latent dims -> (N,)."""
     ex = Exercise("1.2", "gaussian_kl")
@@ -212,17 +222,24 @@ def _bce_logits64(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return l.clamp(min=0) - l * t + torch.log1p(torch.exp(-l.abs()))
 
 
+@checker
 def vae_loss(fn) -> None:
     """Exercise 1.3: mean over the batch of  sum_pixels BCE(logits, (x+1)/2) + beta * KL  (a scalar)."""
     ex = Exercise("1.3", "vae_loss")
     g = torch.Generator().manual_seed(13)
     cases = [(6, 1, 8, 8, 5, 1.0, False), (4, 1, 7, 9, 3, 0.25, False), (5, 3, 4, 4, 8, 4.0, False),
              (6, 1, 6, 6, 4, 2.0, True)]
-    for n, c, h, w, d, beta, extreme in cases:
+    for k, (n, c, h, w, d, beta, extreme) in enumerate(cases):
         logits, x, mu, logvar = _vae_inputs(g, n, c, h, w, d, extreme)
         for t in (logits, mu, logvar):
             t.requires_grad_()
-        out = ex.call(fn, logits, x, mu, logvar, beta)
+        # beta by default (1.0), by keyword and by position
+        if k == 0:
+            out = ex.call(fn, logits, x, mu, logvar)
+        elif k == 1:
+            out = ex.call(fn, logits, x, mu, logvar, beta=beta)
+        else:
+            out = ex.call(fn, logits, x, mu, logvar, beta)
         case = f" (N={n}, C={c}, H={h}, W={w}, latent_dim={d}, beta={beta})"
         lt, m, lv = logits.detach(), mu.detach().double(), logvar.detach().double()
         target = (x.double() + 1) / 2
@@ -273,6 +290,7 @@ def vae_loss(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 1.4
+@checker
 def interpolate(fn) -> None:
     """Exercise 1.4: `steps` points on the straight line from z1 to z2, both ends included -> (steps, D)."""
     ex = Exercise("1.4", "interpolate")
@@ -317,3 +335,73 @@ def interpolate(fn) -> None:
             (a + t[:, None] * b, "z1 + t * z2 is not the straight line; use (1 - t) * z1 + t * z2"),
         ])
     ex.passed("endpoints, even spacing, shape (steps, latent_dim)")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def gaussian_kl_hidden(fn) -> None:
+    """Hidden test of 1.2: KL(prior || prior) = 0 exactly, KL >= 0, float64 kept, one example."""
+    ex = Exercise("1.2", "gaussian_kl", hidden=True)
+    zero = ex.tensor(ex.call(fn, torch.zeros(3, 4), torch.zeros(3, 4)), shape=(3,), what="KL(prior || prior)")
+    ex.close(zero, torch.zeros(3), atol=0.0, what="KL(N(0, 1) || N(0, 1)), which must be exactly 0")
+    g = torch.Generator().manual_seed(102)
+    mu = torch.randn(1, 7, generator=g, dtype=torch.float64) * 2
+    logvar = torch.randn(1, 7, generator=g, dtype=torch.float64) * 2
+    out = ex.tensor(ex.call(fn, mu, logvar), shape=(1,), dtype=torch.float64, what="the KL of float64 inputs")
+    ex.close(out, 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1), atol=1e-12, rtol=1e-12,
+             what="the KL of one float64 example")
+    if float(out) < 0:
+        ex.fail("the KL is negative; a KL divergence is never below 0")
+
+
+@checker
+def interpolate_hidden(fn) -> None:
+    """Hidden test of 1.4: steps = 1 gives z1 alone; the ends are exact; float64 kept."""
+    ex = Exercise("1.4", "interpolate", hidden=True)
+    g = torch.Generator().manual_seed(114)
+    z1, z2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    out = ex.tensor(ex.call(fn, z1, z2, 7), shape=(7, 6), dtype=torch.float64, what="the path of float64 latents")
+    ex.close(out[0], z1, atol=1e-12, what="the first point (must be z1)")
+    ex.close(out[-1], z2, atol=1e-12, what="the last point (must be z2)")
+    one = ex.tensor(ex.call(fn, z1, z2, 1), shape=(1, 6), what="the path with steps=1")
+    ex.close(one[0], z1, atol=1e-12, what="the path with steps=1 (torch.linspace(0, 1, 1) is [0])")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '1.1': (
+        'Sampling z ~ N(mu, sigma^2) directly has no gradient with respect to mu and sigma. Write'
+        ' the sample as a deterministic function of mu, sigma and noise drawn from N(0, 1).',
+        'The network gives the log-variance, so sigma is the exponential of half of it. Draw '
+        "standard normal noise with the same shape as mu (from torch's global generator), scale "
+        'it by sigma and shift it by mu.',
+    ),
+    '1.2': (
+        'KL(N(mu, sigma^2) || N(0, 1)) has a closed form per latent dimension; the KL of the '
+        'whole diagonal Gaussian is the sum over dimensions. One value per example.',
+        'Per dimension: one half of (mu squared + variance - 1 - log-variance), where the '
+        'variance is the exponential of logvar. Sum over the latent dimension (dim 1), keep the '
+        'batch dimension.',
+    ),
+    '1.3': (
+        'The negative ELBO: how badly the decoder explains x (a Bernoulli likelihood per pixel) '
+        'plus beta times the KL of exercise 1.2, averaged over the batch.',
+        'Targets for the Bernoulli likelihood live in [0, 1]: map x from [-1, 1]. Use binary '
+        "cross entropy on the logits without reduction, sum it over each image's pixels, add beta"
+        ' times your KL per image, then average over the batch.',
+    ),
+    '1.4': (
+        'A straight line between two latent vectors, walked in `steps` evenly spaced points, from'
+        ' z1 (the first row) to z2 (the last row).',
+        "Make `steps` weights evenly spaced from 0 to 1 (in z1's dtype), one per output row. Row "
+        'i mixes (1 - weight_i) of z1 with weight_i of z2; broadcasting a column of weights '
+        'against the vectors gives all rows at once.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

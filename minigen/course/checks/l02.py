@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape
+from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, checker, show_hint
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -64,6 +64,7 @@ def _quantize_case_ok(ex, out, z, e, case):
     return out, d, bad
 
 
+@checker
 def quantize(fn) -> None:
     """Exercise 2.1: (M, D) vectors, (K, D) codebook -> (M,) int64 index of the nearest code."""
     ex = Exercise("2.1", "quantize")
@@ -185,10 +186,17 @@ def _straight_through(ex, fn):
 
 def _vq_losses(ex, fn):
     g = torch.Generator().manual_seed(23)
-    for shape, beta in [((4, 6, 3, 3), 0.25), ((2, 5, 4, 2), 0.6)]:
+    # beta by default (0.25), by keyword and by position; image-shaped and flat (M, D) latents
+    for shape, beta, style in [((4, 6, 3, 3), 0.25, "default"), ((2, 5, 4, 2), 0.6, "keyword"),
+                               ((7, 3), 1.3, "positional")]:
         z = torch.randn(shape, generator=g).requires_grad_()
         z_q = torch.randn(shape, generator=g).requires_grad_()
-        out = ex.call(fn, z, z_q, beta)
+        if style == "default":
+            out = ex.call(fn, z, z_q)
+        elif style == "keyword":
+            out = ex.call(fn, z, z_q, beta=beta)
+        else:
+            out = ex.call(fn, z, z_q, beta)
         case = f" (beta={beta})"
         if not isinstance(out, (tuple, list)) or len(out) != 3:
             got = f"a {type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
@@ -217,6 +225,8 @@ def _vq_losses(ex, fn):
             ((diff ** 2).sum() * (1 + beta), sum_hint),
             (m, "loss is the sum of the two terms: codebook_loss + beta * commitment_loss"),
             (beta * m, "loss is codebook_loss + beta * commitment_loss (you returned only the weighted commitment)"),
+            (1.25 * m, f"beta={beta} was ignored (your loss used 0.25): weigh the commitment term by the beta "
+                       "argument, whose default is 0.25"),
         ])
 
         # Values alone cannot tell the terms apart (both equal mean (z - z_q)^2): the gradients can.
@@ -269,6 +279,7 @@ def _vq_losses(ex, fn):
                              "stop-gradients")
 
 
+@checker
 def straight_through_and_losses(straight_through, vq_losses) -> None:
     """Exercise 2.2: z + sg[z_q - z], and (loss, codebook_loss, commitment_loss) with the paper's beta placement."""
     ex = Exercise("2.2", "straight_through_and_losses")
@@ -301,22 +312,44 @@ def _ema_reference(N, m, z, idx, decay, eps, *, flip=False, smooth="laplace", n_
     return N, m, m / Ns[:, None]
 
 
+@checker
 def ema_update(fn) -> None:
     """Exercise 2.3: EMA of code counts and sums, Laplace-smoothed counts, codebook = sums / counts."""
     ex = Exercise("2.3", "ema_update")
     g = torch.Generator().manual_seed(24)
-    for K, D, M, decay, eps, zero_code in [(10, 3, 40, 0.8, 0.3, False), (12, 4, 64, 0.99, 1e-5, True),
-                                           (6, 2, 30, 0.5, 0.05, False)]:
+    # unused codes at the end, at the start and scattered (random); decay and eps by position,
+    # by keyword and by default (0.99, 1e-5)
+    for K, D, M, decay, eps, zero_code, unused, style in [
+            (10, 3, 40, 0.8, 0.3, False, "last", "positional"), (12, 4, 64, 0.99, 1e-5, True, "first", "default"),
+            (6, 2, 30, 0.5, 0.05, False, "random", "keyword"), (9, 5, 50, 0.9, 0.01, True, "random", "positional")]:
         N = 0.2 + 3 * torch.rand(K, generator=g)
         m = torch.randn(K, D, generator=g) * N[:, None]
         z = torch.randn(M, D, generator=g)
-        idx = torch.randint(0, K - 2, (M,), generator=g)       # the last two codes get no vectors
-        idx[:4] = 0                                             # code 0 gets several
+        order = {"last": torch.arange(K), "first": torch.arange(K).flip(0),
+                 "random": torch.randperm(K, generator=g)}[unused]
+        used = order[:K - 2]                                    # two codes get no vectors this batch
+        idx = used[torch.randint(0, K - 2, (M,), generator=g)]
+        idx[:4] = used[0]                                       # one code gets several
+        idx[4] = used.max()                                     # the largest used index appears
         if zero_code:                                           # a code never used since the start: N = 0
-            N[-1], m[-1] = 0.0, 0.0
+            N[order[-1]], m[order[-1]] = 0.0, 0.0
         args = [N.clone(), m.clone(), z.clone(), idx.clone()]
-        case = f" (K={K}, D={D}, M={M}, decay={decay}, eps={eps})"
-        out = ex.call(fn, *args, decay, eps)
+        case = f" (K={K}, D={D}, M={M}, decay={decay}, eps={eps}, unused codes {sorted(order[K - 2:].tolist())})"
+        try:
+            if style == "default":
+                decay, eps = 0.99, 1e-5
+                case = f" (K={K}, D={D}, M={M}, default decay and eps, unused codes {sorted(order[K - 2:].tolist())})"
+                out = ex.call(fn, *args)
+            elif style == "keyword":
+                out = ex.call(fn, *args, decay=decay, eps=eps)
+            else:
+                out = ex.call(fn, *args, decay, eps)
+        except CheckFailed as e:
+            if "must match the size" in str(e) and int(idx.max()) < K - 1:
+                ex.fail(f"your function raised an error when the last codes are unused{case}",
+                        mistake="torch.bincount(indices) stops at the largest index present; count every "
+                                "code: torch.bincount(indices, minlength=K)")
+            raise
         if any(not torch.equal(a, b) for a, b in zip(args, [N, m, z, idx])):
             ex.fail("your function changed its inputs in place; it must be pure (return new tensors), e.g. "
                     "cluster_size = decay * cluster_size + ..., not cluster_size.mul_(decay)")
@@ -376,6 +409,7 @@ def ema_update(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 2.4
+@checker
 def perplexity(fn) -> None:
     """Exercise 2.4: exp(entropy) of the code histogram (natural log, 0 log 0 = 0), a scalar tensor."""
     ex = Exercise("2.4", "perplexity")
@@ -388,6 +422,9 @@ def perplexity(fn) -> None:
          .view(2, 6, 6) * 3, 64),
         ("random", torch.randint(0, 50, (4, 8, 8), generator=g), 50),
         ("flat indices", torch.randint(0, 5, (300,), generator=g) ** 2, 25),
+        ("the first codes unused", torch.randint(20, 40, (3, 5, 5), generator=g), 40),
+        ("unused codes at both ends and between",
+         torch.randperm(30, generator=g)[:9][torch.randint(0, 9, (2, 7, 7), generator=g)] + 5, 48),
     ]
     for what, idx, K in cases:
         case = f" ({what}, indices {_fmt_shape(idx.shape)}, num_codes={K})"
@@ -433,4 +470,78 @@ def perplexity(fn) -> None:
     ex.passed("values (uniform, collapsed, skewed), unused codes, scalar shape")
 
 
-__all__ = ["CheckFailed", "quantize", "straight_through_and_losses", "ema_update", "perplexity"]
+__all__ = ["hint", "CheckFailed", "quantize", "straight_through_and_losses", "ema_update", "perplexity", "quantize_hidden", "perplexity_hidden"]
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def quantize_hidden(fn) -> None:
+    """Hidden test of 2.1: one vector, one code, and vectors that are exact copies of codes."""
+    ex = Exercise("2.1", "quantize", hidden=True)
+    g = torch.Generator().manual_seed(210)
+    e = _codebook(g, 9, 5)
+    out = ex.tensor(ex.call(fn, e.clone(), e.clone()), shape=(9,), dtype=torch.int64,
+                    what="the indices of the codes themselves")
+    if not torch.equal(out, torch.arange(9)):
+        ex.fail(f"each code is its own nearest code, but you returned {out.tolist()} for the codes 0..8")
+    out = ex.tensor(ex.call(fn, torch.randn(1, 5, generator=g), e[:1].clone()), shape=(1,), dtype=torch.int64,
+                    what="the index for a one-code codebook")
+    if int(out) != 0:
+        ex.fail(f"with a single code the index must be 0, got {int(out)}")
+
+
+@checker
+def perplexity_hidden(fn) -> None:
+    """Hidden test of 2.4: exactly 1 for one index, exactly K for a uniform histogram, int32 indices."""
+    ex = Exercise("2.4", "perplexity", hidden=True)
+    one = ex.tensor(ex.call(fn, torch.tensor([3]), 8), shape=(), what="the perplexity of a single index")
+    ex.close(one, torch.tensor(1.0), atol=1e-5, what="the perplexity of a single index")
+    uniform = torch.arange(12, dtype=torch.int32).repeat(3)
+    out = ex.tensor(ex.call(fn, uniform, 12), shape=(), what="the perplexity of int32 indices")
+    ex.close(out, torch.tensor(12.0), atol=1e-4, what="the perplexity of a uniform histogram over 12 codes")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '2.1': (
+        'For every vector, find the code with the smallest squared Euclidean distance. Expanding '
+        '||z - e||^2 avoids building an (M, K, D) tensor.',
+        'Compute all M x K squared distances: the squared norm of each vector (a column), plus '
+        'the squared norm of each code (a row), minus twice the matrix product of the vectors '
+        'with the transposed codebook. Do it in float32 with autocast off. Take the index of the '
+        'minimum along the codes.',
+    ),
+    '2.2': (
+        'Straight-through: the forward pass uses the quantised value, the backward pass pretends '
+        'quantisation was the identity. The two losses move the codebook towards the encoder and '
+        'the encoder towards the codebook; stop-gradient decides which side moves.',
+        'Straight-through: z plus the detached difference (z_q - z). Codebook loss: mean squared '
+        'error between z_q and a detached z. Commitment loss: mean squared error between z and a '
+        'detached z_q. The total is codebook loss plus beta times commitment loss; return all '
+        'three.',
+    ),
+    '2.3': (
+        'Instead of gradients, each code follows a moving average of the vectors assigned to it: '
+        'one average of the counts, one of the sums. The code is sum / count, with the counts '
+        'smoothed so an unused code never divides by zero.',
+        'Count the vectors per code (every code, even unused ones) and sum the vectors per code. '
+        "New counts: decay times the old counts plus (1 - decay) times this batch's counts; the "
+        'same for the sums. With n the total of the new counts, the smoothed count of code i is '
+        '(count_i + eps) / (n + K eps) times n. The codebook is the sums divided by the smoothed '
+        'counts. Return new tensors; do not change the inputs in place.',
+    ),
+    '2.4': (
+        'Perplexity is the exponential of the entropy of how often each code is used: the number '
+        'of codes you would need if they were all used equally often.',
+        'Histogram the indices over all num_codes codes, divide by the number of indices to get '
+        'probabilities, compute the entropy with natural logs treating 0 log 0 as 0, and '
+        'exponentiate. Return a 0-dim float tensor.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigen.course.checks._framework import Exercise, _fmt_shape
+from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, checker, show_hint
 
-__all__ = ["gan_losses", "adaptive_weight", "patch_discriminator"]
+__all__ = ["hint", "gan_losses", "adaptive_weight", "patch_discriminator", "gan_losses_hidden"]
 
 
 # ---------------------------------------------------------------------------- 3.1
@@ -71,6 +71,7 @@ def _gen(ex, fn, lf, case):
     ex.gradients_flow(out, {"logits_fake": lf}, what="the generator loss")
 
 
+@checker
 def gan_losses(hinge_d_loss, generator_loss) -> None:
     """Exercise 3.1: hinge_d_loss(logits_real, logits_fake) and generator_loss(logits_fake), scalars."""
     ex = Exercise("3.1", "gan_losses")
@@ -173,6 +174,7 @@ def _adaptive_case(ex, fn, g, rec_scale, g_scale, disc_weight, case):
     ])
 
 
+@checker
 def adaptive_weight(fn) -> None:
     """Exercise 3.2: lambda = clamp(||grad_W rec|| / (||grad_W g|| + 1e-4), 0, 1e4).detach() * disc_weight."""
     ex = Exercise("3.2", "adaptive_weight")
@@ -222,97 +224,258 @@ def _grid_mistake(got_h, size):
     return None
 
 
-def _leaves(net):
-    return [m for m in net.modules() if len(list(m.children())) == 0]
+def _layout(ex, sd, in_channels, ndf):
+    """Find the three convolutions and the BatchNorm in a state_dict by their parameter shapes.
+
+    The parameter shapes are the contract, not the module types or names: a network written
+    with nn.Sequential, named attributes or functional activations all pass. Returns
+    {"conv1": prefix, "conv2": prefix, "conv3": prefix, "bn": prefix} and the groups.
+    """
+    groups: dict[str, dict] = {}
+    for key, value in sd.items():
+        prefix, _, leaf = key.rpartition(".")
+        groups.setdefault(prefix, {})[leaf] = value
+    want = {"conv1": (ndf, in_channels, 4, 4), "conv2": (2 * ndf, ndf, 4, 4), "conv3": (1, 2 * ndf, 4, 4)}
+    found, convs, bns = {}, [], []
+    for prefix, params in groups.items():
+        w = params.get("weight")
+        if "running_mean" in params or "running_var" in params:
+            bns.append(prefix)
+        elif isinstance(w, torch.Tensor) and w.dim() == 4:
+            convs.append(prefix)
+        elif isinstance(w, torch.Tensor) and w.dim() == 2:
+            ex.fail(f"`{prefix}` has a 2-D weight {_fmt_shape(w.shape)}, a Linear layer: a PatchGAN is fully "
+                    "convolutional, it outputs a grid of logits (one per patch) and works on any image size")
+        elif isinstance(w, torch.Tensor) and w.dim() == 1:
+            ex.fail(f"`{prefix}` has a 1-D weight but no running statistics",
+                    mistake="the normalisation after the second conv is nn.BatchNorm2d (InstanceNorm, "
+                            "GroupNorm and LayerNorm normalise differently)")
+    shapes = {p: tuple(groups[p]["weight"].shape) for p in convs}
+    if len(convs) != 3:
+        ex.fail(f"found {len(convs)} convolution weight(s) {list(shapes.values())}, expected 3 for "
+                f"in_channels={in_channels}, ndf={ndf}: {list(want.values())} (two stride-2 convs, then "
+                "one stride-1 conv to 1 channel)")
+    for name, shape in want.items():
+        match = [p for p in convs if shapes[p] == shape]
+        if len(match) != 1:
+            got = [shapes[p] for p in convs]
+            mistake = None
+            if any(s[2:] == (3, 3) for s in got):
+                mistake = "kernel 3 instead of 4: use kernel_size=4, padding=1"
+            elif name == "conv3" and not any(s[0] == 1 for s in got):
+                mistake = "the last conv must output 1 channel: one logit per patch"
+            ex.fail(f"the convolution weights have shapes {got}; expected {list(want.values())} for "
+                    f"in_channels={in_channels}, ndf={ndf} (out, in, kernel, kernel)", mistake=mistake)
+        found[name] = match[0]
+    first_norm = [p for p in bns if tuple(groups[p]["running_mean"].shape) == (ndf,)]
+    if first_norm:
+        ex.fail("there is a normalisation layer with ndf features, after the first conv",
+                mistake="no norm on the first layer (pix2pix/taming): normalising the raw image features "
+                        "throws away their scale, e.g. the overall colour and contrast D should judge")
+    bn = [p for p in bns if tuple(groups[p]["running_mean"].shape) == (2 * ndf,)]
+    if len(bn) != 1 or len(bns) != 1:
+        ex.fail(f"expected one nn.BatchNorm2d({2 * ndf}) after the second conv; found "
+                f"{len(bns)} layer(s) with running statistics")
+    found["bn"] = bn[0]
+    return found, groups
 
 
+def _known_weights(groups, layout, g):
+    """Seeded weights for every entry, scaled so activations stay O(1) and both slopes matter."""
+    sd = {}
+    for prefix, params in groups.items():
+        for leaf, value in params.items():
+            key = f"{prefix}.{leaf}" if prefix else leaf
+            if not value.is_floating_point():
+                sd[key] = value.clone()
+                continue
+            shape = value.shape
+            if prefix == layout["bn"]:
+                new = {"weight": 1 + 0.3 * torch.randn(shape, generator=g),
+                       "bias": 0.2 * torch.randn(shape, generator=g),
+                       "running_mean": 0.3 * torch.randn(shape, generator=g),
+                       "running_var": 0.5 + torch.rand(shape, generator=g)}.get(leaf)
+            elif leaf == "weight":
+                new = torch.randn(shape, generator=g) * 1.5 / (shape[1] * 16) ** 0.5
+            else:
+                new = 0.2 * torch.randn(shape, generator=g)
+            sd[key] = value.clone() if new is None else new.to(value.dtype)
+    return sd
+
+
+def _patch_reference(x, sd, layout, *, train, slope=0.2, last_act=None, final=None, act1=True):
+    """float64 PatchGAN forward with the loaded weights; keywords give the known wrong variants."""
+    def p(name, leaf):
+        key = f"{layout[name]}.{leaf}" if layout[name] else leaf
+        v = sd.get(key)
+        return None if v is None else v.double()
+
+    h = x.double()
+    h = F.conv2d(h, p("conv1", "weight"), p("conv1", "bias"), stride=2, padding=1)
+    if act1:
+        h = F.leaky_relu(h, slope)
+    h = F.conv2d(h, p("conv2", "weight"), p("conv2", "bias"), stride=2, padding=1)
+    if train:
+        mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+    else:
+        mean, var = p("bn", "running_mean").view(1, -1, 1, 1), p("bn", "running_var").view(1, -1, 1, 1)
+    h = (h - mean) / (var + 1e-5).sqrt()
+    weight, bias = p("bn", "weight"), p("bn", "bias")
+    if weight is not None:
+        h = h * weight.view(1, -1, 1, 1)
+    if bias is not None:
+        h = h + bias.view(1, -1, 1, 1)
+    h = F.leaky_relu(h, slope)
+    h = F.conv2d(h, p("conv3", "weight"), p("conv3", "bias"), stride=1, padding=1)
+    if last_act == "leaky":
+        h = F.leaky_relu(h, slope)
+    if final == "sigmoid":
+        h = torch.sigmoid(h)
+    elif final == "tanh":
+        h = torch.tanh(h)
+    return h
+
+
+def _patch_mistakes(x, sd, layout, train):
+    def ref(**kw):
+        return _patch_reference(x, sd, layout, train=train, **kw)
+    return [
+        (ref(final="sigmoid"), "a sigmoid at the end: output raw logits; the hinge loss compares D's output "
+                               "with the margins +1 and -1, which a sigmoid (0..1) can never reach in the right way"),
+        (ref(final="tanh"), "a tanh at the end: output raw logits, the conv's output as it is"),
+        (ref(slope=0.01), "the LeakyReLU slope is 0.01, nn.LeakyReLU()'s default; write nn.LeakyReLU(0.2) "
+                          "(or F.leaky_relu(x, 0.2))"),
+        (ref(slope=0.0), "a ReLU instead of LeakyReLU(0.2): a ReLU zeroes the gradient of every negative "
+                         "activation, and the generator learns only through D's gradients"),
+        (ref(last_act="leaky"), "an activation after the last conv: the logits must be the conv's raw output"),
+        (ref(act1=False), "no activation after the first conv: LeakyReLU(0.2) follows the first and the second conv"),
+    ]
+
+
+@checker
 def patch_discriminator(cls) -> None:
     """Exercise 3.3: PatchDiscriminator(in_channels, ndf): conv k4 s2 -> LReLU(0.2) -> conv k4 s2, BN -> LReLU(0.2)
-    -> conv k4 s1 to 1 channel; raw logits, fully convolutional."""
-    ex = Exercise("3.3", "patch_discriminator")
-    if not isinstance(cls, type):
-        ex.fail(f"expected your class, got a {type(cls).__name__}: pass PatchDiscriminator itself, "
-                "not an instance")
-    for in_channels, ndf in [(3, 8), (1, 12)]:
-        net = ex.call(cls, in_channels=in_channels, ndf=ndf)
-        if not isinstance(net, nn.Module):
-            ex.fail(f"PatchDiscriminator(...) should be an nn.Module, got {type(net).__name__}")
-        leaves = _leaves(net)
-        kinds = [type(m) for m in leaves]
-        if nn.Linear in kinds or nn.Flatten in kinds:
-            ex.fail("there is a Linear/Flatten layer: a PatchGAN is fully convolutional, it outputs a grid of "
-                    "logits (one per patch), and works on any image size")
-        if nn.Sigmoid in kinds or nn.Tanh in kinds:
-            ex.fail(f"there is a final {'Sigmoid' if nn.Sigmoid in kinds else 'Tanh'}",
-                    mistake="output raw logits: the hinge loss compares D's output with the margins +1 and -1, "
-                            "which a sigmoid (0..1) can never reach in the right way")
-        if nn.ReLU in kinds:
-            ex.fail("there is a ReLU", mistake="use nn.LeakyReLU(0.2): a ReLU zeroes the gradient of every negative "
-                                               "activation, and the generator learns only through D's gradients")
-        convs = [m for m in leaves if isinstance(m, nn.Conv2d)]
-        if len(convs) != 3:
-            ex.fail(f"found {len(convs)} nn.Conv2d layer(s), expected 3 (two stride-2 convs, then one stride-1 conv "
-                    "to 1 channel); build it from nn modules, e.g. an nn.Sequential")
-        for i, (conv, (k, s, p)) in enumerate(zip(convs, _SPEC)):
-            got = (conv.kernel_size, conv.stride, conv.padding)
-            if got != ((k, k), (s, s), (p, p)):
-                ex.fail(f"conv {i + 1} has kernel {conv.kernel_size}, stride {conv.stride}, padding {conv.padding}; "
-                        f"expected kernel 4, stride {s}, padding 1")
-        chans = [(c.in_channels, c.out_channels) for c in convs]
-        want = [(in_channels, ndf), (ndf, 2 * ndf), (2 * ndf, 1)]
-        if chans != want:
-            mistake = ("the last conv must output 1 channel: one logit per patch" if chans[2][1] != 1 else None)
-            ex.fail(f"the convs map channels {chans}, expected {want} for in_channels={in_channels}, ndf={ndf}",
-                    mistake=mistake)
-        lrelus = [m for m in leaves if isinstance(m, nn.LeakyReLU)]
-        if len(lrelus) != 2:
-            ex.fail(f"found {len(lrelus)} nn.LeakyReLU layer(s), expected 2 (after the first and second conv; none "
-                    "after the last)")
-        for m in lrelus:
-            if abs(m.negative_slope - 0.2) > 1e-12:
-                ex.fail(f"a LeakyReLU has negative_slope {m.negative_slope}, expected 0.2",
-                        mistake="nn.LeakyReLU() defaults to 0.01; write nn.LeakyReLU(0.2)"
-                        if abs(m.negative_slope - 0.01) < 1e-12 else None)
-        norms = [i for i, m in enumerate(leaves) if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm,
-                                                                   nn.LayerNorm))]
-        pos = {id(c): leaves.index(c) for c in convs}
-        first, second, third = (pos[id(c)] for c in convs)
-        if any(first < i < second for i in norms):
-            ex.fail("there is a normalisation layer after the first conv",
-                    mistake="no norm on the first layer (pix2pix/taming): normalising the raw image features "
-                            "throws away their scale, e.g. the overall colour and contrast D should judge")
-        bns = [leaves[i] for i in norms if second < i < third]
-        if len(bns) != 1 or not isinstance(bns[0], nn.BatchNorm2d) or bns[0].num_features != 2 * ndf:
-            ex.fail(f"expected one nn.BatchNorm2d({2 * ndf}) after the second conv")
-        if any(i > third for i in norms):
-            ex.fail("there is a normalisation layer after the last conv: the logits must be the conv's raw output")
+    -> conv k4 s1 to 1 channel; raw logits, fully convolutional.
 
-        # behaviour: the grid of logits for several image sizes (fully convolutional)
-        net.train()
+    Black box: the check reads only the parameter shapes (state_dict), loads known weights
+    into them, and compares the outputs with a float64 reference in eval and train mode.
+    """
+    ex = Exercise("3.3", "patch_discriminator")
+    ex.callable(cls)
+    for in_channels, ndf in [(3, 8), (1, 12)]:
+        try:
+            net = ex.call(cls, in_channels=in_channels, ndf=ndf)
+        except CheckFailed as e:
+            if "forward()" in str(e):
+                ex.fail("calling what you passed ran a forward pass: pass PatchDiscriminator itself "
+                        "(the class), not an instance")
+            raise
         g = torch.Generator().manual_seed(33 + in_channels)
-        for h, w in [(32, 32), (64, 64), (32, 48)]:
-            x = torch.randn(2, in_channels, h, w, generator=g).requires_grad_()
-            out = ex.call(net, x)
-            want_shape = (2, 1, _out_side(h, _SPEC), _out_side(w, _SPEC))
+        sd_learner = ex.call(net.state_dict)
+        if not isinstance(sd_learner, dict) or not sd_learner:
+            ex.fail("PatchDiscriminator(...) has no parameters: build its layers in __init__ as nn modules "
+                    "(e.g. an nn.Sequential), so they are registered")
+        layout, groups = _layout(ex, sd_learner, in_channels, ndf)
+        sd = _known_weights(groups, layout, g)
+        ex.call(net.load_state_dict, sd)
+        case = f" (in_channels={in_channels}, ndf={ndf})"
+
+        # eval mode: BatchNorm uses the loaded running statistics; the output must be local
+        ex.call(net.eval)
+        for n, h, w in [(2, 32, 32), (1, 64, 48), (3, 20, 36)]:
+            x = torch.randn(n, in_channels, h, w, generator=g)
+            with torch.no_grad():
+                out = ex.call(net, x)
+            want_shape = (n, 1, _out_side(h, _SPEC), _out_side(w, _SPEC))
             if isinstance(out, torch.Tensor) and tuple(out.shape) != want_shape:
                 mistake = _grid_mistake(out.shape[-2], h) if out.dim() == 4 else None
-                ex.fail(f"for {h}x{w} images the output has shape {_fmt_shape(out.shape)}, expected "
-                        f"{_fmt_shape(want_shape)}: one logit per patch", mistake=mistake)
+                ex.fail(f"for {n} images of {h}x{w} the output has shape {_fmt_shape(out.shape)}, expected "
+                        f"{_fmt_shape(want_shape)}: one logit per patch{case}", mistake=mistake)
             out = ex.tensor(out, shape=want_shape, dtype=torch.float32, what=f"the output for {h}x{w} images")
-            if bool(((out > 0) & (out < 1)).all()):
-                ex.fail("all outputs lie in (0, 1)", mistake="a sigmoid at the end: output raw logits")
-            ex.gradients_flow(out, {"x": x}, what=f"the output for {h}x{w} images")
-        # behaviour: each logit sees only its patch (receptive field 22 px, stride 4)
-        net.eval()  # BatchNorm in train mode mixes the whole batch; eval mode is per position
-        x = torch.randn(1, in_channels, 32, 32, generator=g)
-        x2 = x.clone()
-        x2[..., 28:, 28:] += 3.0  # change only the bottom-right 4x4 corner
-        with torch.no_grad():
-            changed = (net(x2) - net(x)).abs()[0, 0] > 1e-6
-        if bool(changed[0, 0]):
-            ex.fail("changing the bottom-right corner of the image changed the top-left logit: each logit must "
-                    f"depend only on its {_receptive_field(_SPEC)}x{_receptive_field(_SPEC)} patch "
-                    "(convolutions only, no global pooling or attention)")
-        net.train()
-    ex.passed(f"layers, output grid 7x7 at 32 px and 15x15 at 64 px, receptive field {_receptive_field(_SPEC)} px, "
-              "gradients")
+            mistakes = _patch_mistakes(x, sd, layout, False) + [
+                (_patch_reference(x, sd, layout, train=True),
+                 "in eval mode the normalisation still uses the batch's statistics: use nn.BatchNorm2d, "
+                 "which switches to its running statistics after .eval()")]
+            try:
+                ex.close(out, _patch_reference(x, sd, layout, train=False), atol=1e-4, rtol=1e-4,
+                         what=f"the logits in eval mode for {h}x{w} images{case}", mistakes=mistakes)
+            except CheckFailed as e:
+                if "Likely mistake" in str(e):
+                    raise
+                # no known mistake: is it at least local (each logit sees only its patch)?
+                x2 = x.clone()
+                x2[..., h - 4:, w - 4:] += 3.0  # change only the bottom-right 4x4 corner
+                with torch.no_grad():
+                    out2 = ex.tensor(ex.call(net, x2), shape=want_shape)
+                if bool((out2 - out).abs()[0, 0, 0, 0] > 1e-5):
+                    ex.fail("changing the bottom-right corner of the image changed the top-left logit: each "
+                            f"logit must depend only on its {_receptive_field(_SPEC)}x{_receptive_field(_SPEC)} "
+                            "patch (convolutions only, no global pooling or attention)")
+                raise
+
+        # train mode: BatchNorm normalises with the batch's statistics; gradients reach the input
+        ex.call(net.train, True)
+        x = torch.randn(4, in_channels, 32, 40, generator=g).requires_grad_()
+        out = ex.tensor(ex.call(net, x), shape=(4, 1, 7, 9), dtype=torch.float32,
+                        what="the output in train mode")
+        ex.close(out, _patch_reference(x.detach(), sd, layout, train=True), atol=1e-4, rtol=1e-4,
+                 what=f"the logits in train mode{case}", mistakes=_patch_mistakes(x.detach(), sd, layout, True))
+        ex.gradients_flow(out, {"x": x}, what="the output in train mode")
+    ex.passed(f"parameter shapes, outputs with known weights (eval and train mode), output grid 7x7 at 32 px, "
+              f"receptive field {_receptive_field(_SPEC)} px, gradients")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def gan_losses_hidden(hinge_d_loss, generator_loss) -> None:
+    """Hidden test of 3.1: the exact gradients of both losses (one logit per patch, many patches)."""
+    ex = Exercise("3.1", "gan_losses", hidden=True)
+    g = torch.Generator().manual_seed(310)
+    lr = (torch.randn(3, 1, 5, 5, generator=g) * 2).requires_grad_()
+    lf = (torch.randn(3, 1, 5, 5, generator=g) * 2).requires_grad_()
+    d = ex.tensor(ex.call(hinge_d_loss, lr, lf), shape=(), what="the discriminator loss")
+    gr, gf = torch.autograd.grad(d, [lr, lf])
+    n = lr.numel()
+    ex.close(gr, -0.5 * (lr.detach() < 1).double() / n, atol=1e-7, what="d loss / d logits_real")
+    ex.close(gf, 0.5 * (lf.detach() > -1).double() / n, atol=1e-7, what="d loss / d logits_fake")
+    lf2 = torch.randn(2, 1, 3, 4, generator=g).requires_grad_()
+    gl = ex.tensor(ex.call(generator_loss, lf2), shape=(), what="the generator loss")
+    (gg,) = torch.autograd.grad(gl, [lf2])
+    ex.close(gg, torch.full(lf2.shape, -1.0 / lf2.numel(), dtype=torch.float64), atol=1e-7,
+             what="d generator loss / d logits_fake")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '3.1': (
+        'The hinge loss asks the discriminator for logits above +1 on real patches and below -1 '
+        'on fake ones, and ignores patches already beyond the margin. The generator just wants '
+        'its fakes to score high.',
+        'Discriminator: the mean of the positive part of (1 - real logits), plus the mean of the '
+        'positive part of (1 + fake logits), all halved. Generator: minus the mean of the fake '
+        'logits.',
+    ),
+    '3.2': (
+        "Balance the two losses by how hard each pulls on the decoder's last layer: the ratio of "
+        "their gradient norms with respect to that layer's weight.",
+        'Take the gradient of each loss with respect to last_layer (keep the graph for the second'
+        ' one), and their norms. Divide the reconstruction norm by the GAN norm plus 1e-4, clamp '
+        'to [0, 1e4], detach it so no gradient flows through the weight, multiply by disc_weight.',
+    ),
+    '3.3': (
+        'A small fully convolutional network that outputs one logit per overlapping patch: two '
+        'downsampling convolutions and a final convolution to one channel, with LeakyReLU(0.2) '
+        'after the first two and batch normalisation after the second.',
+        'Conv 4x4 stride 2 padding 1 (in_channels to ndf), LeakyReLU with slope 0.2; conv 4x4 '
+        'stride 2 padding 1 (ndf to 2 ndf) without bias, BatchNorm over 2 ndf channels, LeakyReLU'
+        ' 0.2; conv 4x4 stride 1 padding 1 (2 ndf to 1). No activation at the end: raw logits. '
+        'Register the layers in that order; the check loads its own weights into them.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

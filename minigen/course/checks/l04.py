@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from minigen.course.checks._framework import Exercise, seeded
+from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["causal_attention", "sample_next", "attend_with_cache"]
+__all__ = ["hint", "causal_attention", "sample_next", "attend_with_cache", "causal_attention_hidden"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -34,6 +34,7 @@ def _attention64(q, k, v, *, offset=0, mask="causal", scale=None, softmax_dim=-1
 
 
 # ---------------------------------------------------------------------------- 4.1
+@checker
 def causal_attention(fn) -> None:
     """Exercise 4.1: softmax(q kᵀ/√d + causal mask) v for q, k, v (N, n_head, T, head_dim)."""
     ex = Exercise("4.1", "causal_attention")
@@ -96,6 +97,7 @@ def _probs64(logits, temperature, top_k):
     return torch.softmax(z, dim=-1)
 
 
+@checker
 def sample_next(fn) -> None:
     """Exercise 4.2: one token per row, temperature -> top-k -> softmax -> multinomial."""
     ex = Exercise("4.2", "sample_next")
@@ -103,10 +105,20 @@ def sample_next(fn) -> None:
     groups, reps, vocab = 3, 4000, 10
     base = torch.randn(groups, vocab, generator=g) * 1.5       # continuous: no ties
     logits = base.repeat_interleave(reps, dim=0)                # (groups * reps, vocab)
-    for temperature, top_k in [(1.0, None), (1.0, 3), (0.5, 4), (2.0, 5)]:
+    # every way of passing the arguments: the defaults (temperature 1, no top-k, the global
+    # RNG), by position, by keyword; top_k = 1 (greedy) and top_k = vocab (no cut)
+    cases = [(1.0, None, "default"), (1.0, 3, "positional"), (0.5, 4, "keyword"), (2.0, 5, "positional"),
+             (0.7, 1, "keyword"), (1.3, vocab, "keyword")]
+    for temperature, top_k, style in cases:
         x = logits.clone()
         with seeded(420):
-            out = ex.call(fn, x, temperature, top_k, torch.Generator().manual_seed(7))
+            if style == "default":
+                out = ex.call(fn, x)
+            elif style == "positional":
+                out = ex.call(fn, x, temperature, top_k, torch.Generator().manual_seed(7))
+            else:
+                out = ex.call(fn, x, temperature=temperature, top_k=top_k,
+                              generator=torch.Generator().manual_seed(7))
         what = f"the sampled tokens (temperature={temperature}, top_k={top_k})"
         if isinstance(out, torch.Tensor) and out.shape == (len(x), 1):
             ex.fail(f"{what} have shape {tuple(out.shape)}, expected ({len(x)},)",
@@ -161,17 +173,36 @@ def sample_next(fn) -> None:
             if z_max(p) <= 6.0:
                 ex.fail(msg, mistake=explanation)
         ex.fail(msg)
-    ex.passed("never outside the top k, frequencies match temperature/top-k over 12,000 draws")
+
+    # reproducibility: the draw comes from the generator passed in, not from the global RNG
+    x = base * 0.3  # flat enough that two different draws differ
+    x = x.repeat(20, 1)
+
+    def draw(seed, global_seed):
+        with seeded(global_seed):
+            return ex.tensor(ex.call(fn, x.clone(), 1.0, None, torch.Generator().manual_seed(seed)),
+                             shape=(len(x),), what="the sampled tokens")
+
+    a, b, c = draw(3, 1), draw(3, 2), draw(4, 1)
+    if not torch.equal(a, b):
+        ex.fail("the same `generator` gave different tokens (the global RNG decided them)",
+                mistake="pass the generator on: torch.multinomial(probs, 1, generator=generator)")
+    if torch.equal(a, c):
+        ex.fail("generators with different seeds gave the same tokens: the draw must use the generator "
+                "passed in")
+    ex.passed("never outside the top k, frequencies match temperature/top-k over 12,000 draws, "
+              "defaults and keywords, draws from the generator passed in")
 
 
 # ---------------------------------------------------------------------------- 4.3
+@checker
 def attend_with_cache(fn) -> None:
     """Exercise 4.3: append new k, v to the cache and attend the new queries over all of it."""
     ex = Exercise("4.3", "attend_with_cache")
     g = torch.Generator().manual_seed(43)
-    n, h, d = 2, 3, 8
-    # one step at a time, as in sampling: s cached positions, t new ones
-    for s, t in [(0, 4), (5, 1), (4, 3)]:
+    # one step at a time, as in sampling: s cached positions, t new ones; batch, heads and head
+    # size vary too (a single head, an odd head size)
+    for s, t, n, h, d in [(0, 4, 2, 3, 8), (5, 1, 2, 3, 8), (4, 3, 3, 1, 5), (7, 2, 1, 2, 16)]:
         q, k_new, v_new = (torch.randn(n, h, t, d, generator=g) for _ in range(3))
         past_k, past_v = (torch.randn(n, h, s, d, generator=g) for _ in range(2))
         before = [z.clone() for z in (q, k_new, v_new, past_k, past_v)]
@@ -220,3 +251,53 @@ def attend_with_cache(fn) -> None:
     ex.close(torch.cat(ys, dim=2), _attention64(q, k, v), atol=1e-5, rtol=1e-4,
              what="the outputs of a 9-token sequence fed in 6 pieces through your cache")
     ex.passed("appends, attends over every cached position, equals uncached attention")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def causal_attention_hidden(fn) -> None:
+    """Hidden test of 4.1: one position (the output is v), head size 1, float64 kept."""
+    ex = Exercise("4.1", "causal_attention", hidden=True)
+    g = torch.Generator().manual_seed(410)
+    q, k, v = (torch.randn(2, 3, 1, 4, generator=g) for _ in range(3))
+    out = ex.tensor(ex.call(fn, q, k, v), shape=(2, 3, 1, 4), what="the output for a single position")
+    ex.close(out, v, atol=1e-6, what="the output for a single position (it can only attend to itself: v)")
+    q, k, v = (torch.randn(1, 2, 6, 1, generator=g, dtype=torch.float64) for _ in range(3))
+    out = ex.tensor(ex.call(fn, q, k, v), shape=(1, 2, 6, 1), dtype=torch.float64, what="the float64 output")
+    ex.close(out, _attention64(q, k, v), atol=1e-10, what="the output with head size 1 (float64)")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '4.1': (
+        'Scaled dot-product attention where position i may only look at positions 0..i: the '
+        'scores of future positions are removed before the softmax.',
+        'Scores: queries times transposed keys, divided by the square root of the head size. Set '
+        'the scores above the diagonal (key index greater than query index) to minus infinity, '
+        'softmax over the keys (last axis), multiply by the values.',
+    ),
+    '4.2': (
+        'Temperature rescales the logits before the softmax; top-k keeps only the k most likely '
+        'tokens. Then draw one token per row, using the generator you were given.',
+        "Divide the logits by the temperature. If top_k is given, find each row's k-th largest "
+        'logit and set every logit below it to minus infinity. Softmax over the vocabulary, then '
+        "draw one sample per row with torch's multinomial sampler, passing the generator; return "
+        'the indices as a 1-D int64 tensor.',
+    ),
+    '4.3': (
+        'With a cache, the t new queries attend over the s cached positions and the t new ones. '
+        'New query i sits at absolute position s + i, so it sees every cached key and the new '
+        'keys up to itself.',
+        'Append the new keys and values after the cached ones along the sequence axis. Compute '
+        'scaled scores of the new queries against all s + t keys; mask key j for query i when j >'
+        ' s + i; softmax over the keys, multiply by the values. Return the output and the two '
+        'grown caches.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn as nn
 
-from minigen.course.checks._framework import CheckFailed, Exercise, seeded
+from minigen.course.checks._framework import CheckFailed, Exercise, seeded, checker, show_hint
 
-__all__ = ["alphas_cumprod", "q_sample", "training_loss", "p_sample", "p_sample_loop"]
+__all__ = ["hint", "alphas_cumprod", "q_sample", "training_loss", "p_sample", "p_sample_loop", "alphas_cumprod_hidden", "q_sample_hidden"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -47,8 +47,18 @@ def _call(ex: Exercise, fn, *args, broadcast_hint=None):
     except CheckFailed as e:
         cause = e.__cause__
         if broadcast_hint and isinstance(cause, RuntimeError) and "size of tensor" in str(cause):
-            raise CheckFailed(f"{e}\n  Likely mistake: {broadcast_hint}") from cause
+            raise CheckFailed(f"{e}\n  Likely mistake: {broadcast_hint}",
+                              learner_traceback=e.learner_traceback) from cause
         raise
+
+
+def _rank(ex: Exercise, out, shape, what):
+    """The output must keep x's shape for any number of axes, not only (N, C, H, W)."""
+    if isinstance(out, torch.Tensor) and tuple(out.shape) != tuple(shape) and len(shape) != 4 and out.dim() == 4:
+        ex.fail(f"{what} has shape {tuple(out.shape)} for an input of shape {tuple(shape)}",
+                mistake="you reshaped alphas_cumprod[t] to (N, 1, 1, 1), which fits only 4-D image batches; "
+                        "reshape it to N followed by one 1 per remaining axis of the input, so any shape works")
+    return ex.tensor(out, shape=shape, dtype=torch.float32, what=what)
 
 
 def _unchanged(ex: Exercise, before: dict, after: dict) -> None:
@@ -57,11 +67,12 @@ def _unchanged(ex: Exercise, before: dict, after: dict) -> None:
             ex.fail(f"your function changed its input `{name}` in place; return a new tensor instead")
 
 
-_BROADCAST = ("alphas_cumprod[t] has shape (N,); reshape it to (N, 1, 1, 1) before multiplying "
-              "an (N, C, H, W) batch, e.g. alphas_cumprod[t].view(-1, 1, 1, 1)")
+_BROADCAST = ("alphas_cumprod[t] has shape (N,); reshape it to N followed by one 1 per remaining axis "
+              "(N, 1, 1, 1 for an (N, C, H, W) batch) before multiplying, so it broadcasts over each image")
 
 
 # ---------------------------------------------------------------------------- 5.1
+@checker
 def alphas_cumprod(fn) -> None:
     """Exercise 5.1: betas (T,) -> abar (T,), abar_t = prod_{s<=t} (1 - beta_s), same dtype."""
     ex = Exercise("5.1", "alphas_cumprod")
@@ -95,6 +106,7 @@ def alphas_cumprod(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 5.2
+@checker
 def q_sample(fn) -> None:
     """Exercise 5.2: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, abar_t = alphas_cumprod[t] per image."""
     ex = Exercise("5.2", "q_sample")
@@ -102,7 +114,9 @@ def q_sample(fn) -> None:
     ab1000 = _ref_abar(_linear_betas(1000)).float()  # what GaussianDiffusion passes: float32
     ab10 = _ref_abar(torch.linspace(0.05, 0.5, 10, dtype=torch.float64)).float()
     # case 1 leaves out t = T-1 so that an alphas_cumprod[t + 1] answer gives values to recognise
-    cases = [((6, 3, 5, 7), ab1000, False), ((9, 1, 4, 4), ab1000, True), ((5, 2, 3, 3), ab10, True)]
+    # image batches, and other ranks: (N, D) vectors and (N, C, F, H, W) clips
+    cases = [((6, 3, 5, 7), ab1000, False), ((9, 1, 4, 4), ab1000, True), ((5, 2, 3, 3), ab10, True),
+             ((7, 12), ab10, True), ((3, 2, 3, 4, 4), ab1000, True)]
     for shape, ab, ends in cases:
         n, T = shape[0], len(ab)
         t = torch.randint(0, T - 1, (n,), generator=g)
@@ -112,7 +126,7 @@ def q_sample(fn) -> None:
         noise = torch.randn(shape, generator=g)
         before = {"x0": x0.clone(), "t": t.clone(), "noise": noise.clone(), "alphas_cumprod": ab.clone()}
         out = _call(ex, fn, x0, t, noise, ab, broadcast_hint=_BROADCAST)
-        out = ex.tensor(out, shape=shape, dtype=torch.float32, what="x_t")
+        out = _rank(ex, out, shape, "x_t")
         _unchanged(ex, before, {"x0": x0, "t": t, "noise": noise, "alphas_cumprod": ab})
         abd = ab.double()
         a = _col(abd[t], len(shape))
@@ -137,7 +151,7 @@ def q_sample(fn) -> None:
                              "off by one: use alphas_cumprod[t], not alphas_cumprod[t + 1] "
                              "(timesteps are 0-based: t = 0 is the first noising step)"))
         ex.close(out, ref, atol=2e-6, rtol=1e-5, what=f"x_t (T = {T}, t = {t.tolist()})", mistakes=mistakes)
-    ex.passed("values, shapes, per-image timesteps including 0 and T-1")
+    ex.passed("values, shapes of rank 2 to 5, per-image timesteps including 0 and T-1")
 
 
 # ---------------------------------------------------------------------------- 5.3
@@ -213,6 +227,7 @@ def _check_timesteps(ex: Exercise, t, n, T, *, need_ends: bool):
                 mistake="draw t with torch.randint(0, T, (N,)) (uniform), not from a normal or a rounded float")
 
 
+@checker
 def training_loss(fn) -> None:
     """Exercise 5.3: t ~ U{0..T-1} per image, noise ~ N(0, I), x_t = q_sample(...),
     loss = mean((model(x_t, t) - noise)^2), a scalar with gradients into the model."""
@@ -295,6 +310,7 @@ def _step_inputs(g, n, shape, T):
     return x_t, t, eps, noise
 
 
+@checker
 def p_sample(fn) -> None:
     """Exercise 5.4: one DDPM ancestral step with epsilon-prediction, x0_hat clipped to
     [-1, 1], the posterior mean, fixed_small variance beta~_t and no noise at t = 0."""
@@ -302,14 +318,14 @@ def p_sample(fn) -> None:
     g = torch.Generator().manual_seed(54)
     ab = _ref_abar(_linear_betas(1000)).float()  # what GaussianDiffusion passes: float32
     T = len(ab)
-    for n, shape in [(12, (3, 4, 5)), (8, (1, 6, 6))]:
+    for n, shape in [(12, (3, 4, 5)), (8, (1, 6, 6)), (10, (16,)), (6, (2, 3, 4, 4))]:
         x_t, t, eps, noise = _step_inputs(g, n, shape, T)
         before = {"x_t": x_t.clone(), "t": t.clone(), "model_output": eps.clone(), "noise": noise.clone(),
                   "alphas_cumprod": ab.clone()}
         out_z = _call(ex, fn, x_t, t, eps, ab, torch.zeros_like(noise), broadcast_hint=_BROADCAST)
-        out_z = ex.tensor(out_z, shape=x_t.shape, dtype=torch.float32, what="x_{t-1}")
+        out_z = _rank(ex, out_z, x_t.shape, "x_{t-1}")
         out = _call(ex, fn, x_t, t, eps, ab, noise, broadcast_hint=_BROADCAST)
-        out = ex.tensor(out, shape=x_t.shape, dtype=torch.float32, what="x_{t-1}")
+        out = _rank(ex, out, x_t.shape, "x_{t-1}")
         _unchanged(ex, before, {"x_t": x_t, "t": t, "model_output": eps, "noise": noise, "alphas_cumprod": ab})
         case = f" (t = {t.tolist()})"
         # NaN/inf first: the usual cause is abar_{t-1} at t = 0
@@ -419,6 +435,7 @@ class _RecordingFn:
         return self.output(x, t)
 
 
+@checker
 def p_sample_loop(fn) -> None:
     """Exercise 5.5: x = x_T; for t = T-1, ..., 0: x = p_sample(x, t, model_fn(x, t), abar, fresh noise)."""
     ex = Exercise("5.5", "p_sample_loop")
@@ -479,3 +496,76 @@ def p_sample_loop(fn) -> None:
     ex.mean_std(torch.stack(zs), 0.0, 1.0, what="the noise added at the steps t > 0",
                 mistakes=[(0.5, math.sqrt(1 / 12), "torch.rand_like is uniform on [0, 1); use torch.randn_like")])
     ex.passed(f"order T-1 ... 0, {T} model calls, fresh Gaussian noise, final step without noise")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def alphas_cumprod_hidden(fn) -> None:
+    """Hidden test of 5.1: T = 1, betas of zero (abar stays 1), float64 kept."""
+    ex = Exercise("5.1", "alphas_cumprod", hidden=True)
+    out = ex.tensor(ex.call(fn, torch.tensor([0.3], dtype=torch.float64)), shape=(1,), dtype=torch.float64,
+                    what="alphas_cumprod for T = 1")
+    ex.close(out, torch.tensor([0.7], dtype=torch.float64), atol=1e-15, what="alphas_cumprod for T = 1")
+    out = ex.tensor(ex.call(fn, torch.zeros(5)), shape=(5,), dtype=torch.float32, what="alphas_cumprod of zero betas")
+    ex.close(out, torch.ones(5), atol=0.0, what="alphas_cumprod of zero betas (nothing is noised)")
+
+
+@checker
+def q_sample_hidden(fn) -> None:
+    """Hidden test of 5.2: t = 0 with abar = 1 returns x0; abar = 0 returns the noise."""
+    ex = Exercise("5.2", "q_sample", hidden=True)
+    g = torch.Generator().manual_seed(520)
+    ab = torch.tensor([1.0, 0.5, 0.0])
+    x0, noise = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    out = ex.tensor(ex.call(fn, x0, torch.tensor([0, 2]), noise, ab), shape=(2, 3, 4), what="x_t")
+    ex.close(out, torch.stack([x0[0], noise[1]]), atol=1e-6,
+             what="x_t for abar = 1 (must be x0) and abar = 0 (must be the noise)")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '5.1': (
+        "abar_t is the fraction of the original signal's variance left after t noising steps: the"
+        ' running product of (1 - beta).',
+        'Compute alpha = 1 - beta elementwise, then its cumulative product along the time axis. '
+        'The result keeps the shape and dtype of betas.',
+    ),
+    '5.2': (
+        'The forward process has a closed form: x_t is a mix of x0 and Gaussian noise whose '
+        'weights come from abar_t, a different t for each image.',
+        "Pick abar for each image's t, reshape it so it broadcasts over every other axis of x0 "
+        '(any number of them), then weight x0 by the square root of abar and the noise by the '
+        'square root of (1 - abar), and add.',
+    ),
+    '5.3': (
+        'Train the network to predict the noise that was mixed into a clean image at a random '
+        'timestep.',
+        'T is the length of the schedule. Draw one integer timestep per image uniformly from 0 to'
+        ' T - 1 and Gaussian noise shaped like x0 (both from the global generator), noise the '
+        'images with your q_sample, ask the model for its prediction at (x_t, t), and return the '
+        'mean squared error between prediction and noise.',
+    ),
+    '5.4': (
+        "One reverse step: estimate x0 from the predicted noise, clip it to the data range, and "
+        "sample from the Gaussian posterior q(x_{t-1} | x_t, x0) (no noise at t = 0).",
+        "abar_prev is 1 at t = 0 and abar at t - 1 otherwise, and beta_t is 1 - abar / abar_prev. "
+        "The estimate of x0 is x_t minus sqrt(1 - abar) times eps, all over sqrt(abar), clipped to "
+        "[-1, 1]. The posterior mean weighs that estimate by sqrt(abar_prev) beta_t / (1 - abar) "
+        "and x_t by sqrt(1 - beta_t) (1 - abar_prev) / (1 - abar); the posterior variance is "
+        "(1 - abar_prev) / (1 - abar) times beta_t. Add the noise scaled by the standard deviation, "
+        "for images with t > 0 only.",
+    ),
+    '5.5': (
+        'Start from pure noise and apply your p_sample for every timestep from T - 1 down to 0.',
+        'Loop over the timesteps in decreasing order; at each, build a long tensor holding that '
+        'timestep for every image, ask model_fn for eps, and take one p_sample step with fresh '
+        'standard normal noise. Return the final x.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

@@ -21,9 +21,9 @@ import math
 
 import torch
 
-from minigen.course.checks._framework import Exercise, seeded
+from minigen.course.checks._framework import Exercise, seeded, checker, show_hint
 
-__all__ = ["ddim_step", "classifier_free_guidance", "inpaint"]
+__all__ = ["hint", "ddim_step", "classifier_free_guidance", "inpaint", "classifier_free_guidance_hidden"]
 
 
 # ---------------------------------------------------------------------------- references
@@ -155,6 +155,7 @@ def _v_mistakes(x_t, t, t_prev, v, ab, **kw):
 
 
 # ---------------------------------------------------------------------------- 6.1
+@checker
 def ddim_step(fn) -> None:
     """Exercise 6.1: one DDIM step x_t -> x_{t_prev} (t_prev = -1: the clean image, abar = 1),
     for epsilon- and v-prediction; other prediction types raise ValueError."""
@@ -316,6 +317,35 @@ def ddim_step(fn) -> None:
                         "(torch.randn_like(x_t), or torch.randn with the generator)")
     ex.mean_std(z, 0.0, 1.0, what="(x_prev - mean) / sigma with eta = 1 and noise=None")
 
+    # (e2) ... drawn from the `generator` passed in: the same generator seed gives the same step
+    # whatever the global RNG holds, another seed another step
+    t = torch.tensor([640, 300, 905])
+    x_t, eps, ab = _ddim_inputs(g, 3, t)
+
+    def with_generator(seed, global_seed):
+        with seeded(global_seed):
+            return run(x_t, t, 200, eps, ab, eta=0.8, clip_denoised=False,
+                       generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = with_generator(5, 1), with_generator(5, 2), with_generator(6, 1)
+    if not torch.equal(a, b):
+        ex.fail("with eta > 0, noise=None and the same `generator`, two calls gave different x_prev "
+                "(the global RNG decided the noise)",
+                mistake="draw the noise from the generator you were given: torch.randn(x_t.shape, "
+                        "generator=generator, ...) (torch.randn_like takes no generator)")
+    if torch.equal(a, c):
+        ex.fail("generators with different seeds gave the same x_prev: the noise must come from the "
+                "generator passed in")
+
+    # (e3) the defaults: eta = 0 and clip_denoised=True when the caller passes neither
+    t = torch.tensor([300, 120, 450])
+    x_t, eps, ab = _ddim_inputs(g, 3, t, x0_range=1.5)
+    out = run(x_t, t, 60, eps, ab)
+    ex.close(out, _ddim64(x_t, t, 60, eps, ab, clip_denoised=True), atol=1e-4, rtol=1e-4,
+             what="x_prev with the default arguments (eta = 0, clip_denoised=True)", mistakes=[
+                 (_ddim64(x_t, t, 60, eps, ab, clip_denoised=False),
+                  "clip_denoised defaults to True: keep the defaults of the exercise's signature")])
+
     # (f) v-prediction (cosine schedule): interior steps with eta = 0 and eta = 0.5. The
     # timesteps avoid abar = 1/2, where swapped coefficients would give the right answer.
     for eta in (0.0, 0.5):
@@ -379,16 +409,21 @@ def ddim_step(fn) -> None:
 
 
 # ---------------------------------------------------------------------------- 6.2
+@checker
 def classifier_free_guidance(fn) -> None:
     """Exercise 6.2: eps = eps_uncond + w (eps_cond - eps_uncond)."""
     ex = Exercise("6.2", "classifier_free_guidance")
     g = torch.Generator().manual_seed(62)
-    for w, shape in [(2.5, (4, 3, 5, 5)), (7.5, (2, 1, 4, 6)), (0.0, (3, 3, 4, 4)), (1.0, (3, 3, 4, 4)),
-                     (4.0, (5, 4, 3, 3))]:
+    # random scales (not only the usual 7.5), 0 and 1 exactly, a negative one; any shape; the
+    # scale passed by position and by keyword
+    w_random = [round(float(v), 3) for v in torch.rand(3, generator=g) * 9 + 0.2]
+    cases = [(w_random[0], (4, 3, 5, 5)), (7.5, (2, 1, 4, 6)), (0.0, (3, 3, 4, 4)), (1.0, (3, 3, 4, 4)),
+             (w_random[1], (6, 16)), (-0.5, (2, 4, 3, 3)), (w_random[2], (2, 3, 2, 4, 4)), (4, (5, 4, 3, 3))]
+    for k, (w, shape) in enumerate(cases):
         u = torch.randn(shape, generator=g)
         c = torch.randn(shape, generator=g)
         u0, c0 = u.clone(), c.clone()
-        out = ex.call(fn, u, c, w)
+        out = ex.call(fn, u, c, w) if k % 2 == 0 else ex.call(fn, u, c, guidance_scale=w)
         out = ex.tensor(out, shape=shape, dtype=torch.float32, what=f"the guided output (w = {w})")
         if not (torch.equal(u, u0) and torch.equal(c, c0)):
             ex.fail("your function changed out_uncond or out_cond in place; return a new tensor")
@@ -407,8 +442,10 @@ def classifier_free_guidance(fn) -> None:
             (w * cd, "you dropped the unconditional output: eps_uncond + w (eps_cond - eps_uncond)"),
             (ud + w * cd, "the difference is eps_cond - eps_uncond: eps_uncond + w (eps_cond - eps_uncond)"),
             ((ud + cd) * w / 2, "guidance extrapolates, it is not an average: eps_uncond + w (eps_cond - eps_uncond)"),
+            (ud + 7.5 * (cd - ud), "the guidance scale is fixed at 7.5: use the guidance_scale argument"),
+            (ud + 3.0 * (cd - ud), "the guidance scale is fixed at 3: use the guidance_scale argument"),
         ])
-    ex.passed("values for w = 0, 1, 2.5, 4, 7.5, shapes, dtype")
+    ex.passed("values for random scales, 0, 1 and a negative one, any shape, positional and keyword")
 
 
 # ---------------------------------------------------------------------------- 6.3
@@ -416,6 +453,7 @@ def _trailing(T: int, S: int) -> list[int]:
     return [int(round(T - i * T / S)) - 1 for i in range(S)]
 
 
+@checker
 def inpaint(fn) -> None:
     """Exercise 6.3: the DDIM inpainting loop. Checked through the model calls it makes:
     every call sees the known region re-noised to that call's timestep, the unknown region
@@ -553,3 +591,58 @@ def _inpaint_case(ex, fn, g, prediction_type, *, seed):
     if abs(float(x_first.mean())) > 6 / math.sqrt(x_first.numel()) or abs(float(x_first.std()) - 1) > 6 / math.sqrt(2 * x_first.numel()):
         ex.fail(f"at the first model call (timestep {grid[0]}) the region to fill has mean "
                 f"{float(x_first.mean()):.3g} and std {float(x_first.std()):.3g}; start from pure noise N(0, I)")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def classifier_free_guidance_hidden(fn) -> None:
+    """Hidden test of 6.2: w = 0 gives out_uncond, w = 1 out_cond; float64 kept; one element."""
+    ex = Exercise("6.2", "classifier_free_guidance", hidden=True)
+    g = torch.Generator().manual_seed(620)
+    u, c = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g,
+                                                                                  dtype=torch.float64)
+    ex.close(ex.tensor(ex.call(fn, u, c, 0.0), shape=u.shape, dtype=torch.float64, what="the output for w = 0"),
+             u, atol=1e-12, what="the output for w = 0 (must be out_uncond)")
+    ex.close(ex.tensor(ex.call(fn, u, c, 1.0), shape=u.shape, dtype=torch.float64, what="the output for w = 1"),
+             c, atol=1e-12, what="the output for w = 1 (must be out_cond)")
+    one = ex.tensor(ex.call(fn, torch.tensor([2.0]), torch.tensor([3.0]), 2.5), shape=(1,), what="one element")
+    ex.close(one, torch.tensor([4.5]), atol=1e-6, what="the output for 2 + 2.5 (3 - 2)")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '6.1': (
+        "DDIM predicts x0 and eps from the network's output, then jumps to any earlier t_prev "
+        "along a deterministic path (eta = 0) or with some fresh noise (eta > 0).",
+        "abar_prev is alphas_cumprod at t_prev, or 1 when t_prev is -1. From an eps output, the "
+        "estimate of x0 is x_t minus sqrt(1 - abar) times eps, all over sqrt(abar); from a v output, "
+        "rotate (x_t, v) back to (x0, eps) as the text shows. Clip the x0 estimate only if "
+        "clip_denoised. sigma is eta times sqrt((1 - abar_prev) / (1 - abar)) times sqrt(1 - abar / "
+        "abar_prev). x_prev is sqrt(abar_prev) times the x0 estimate plus sqrt(1 - abar_prev - "
+        "sigma^2) times eps, plus sigma times noise when eta > 0 (the noise given, or drawn with "
+        "the generator given).",
+    ),
+    '6.2': (
+        'Guidance extrapolates from the unconditional prediction past the conditional one: scale '
+        '0 is unconditional, scale 1 is conditional, larger scales exaggerate the condition.',
+        'Take the difference between the conditional and the unconditional output, multiply it by'
+        ' the guidance scale, and add it to the unconditional output.',
+    ),
+    '6.3': (
+        'Run the DDIM sampler from noise, and after every step overwrite the known pixels with '
+        'the original image noised to the same timestep, so the generated part has to agree with '
+        'what is kept.',
+        'Start from standard normal noise shaped like x0. For each timestep t (and the next one, '
+        't_prev, which is -1 after the last): call the network, take a DDIM step to t_prev '
+        'passing eta, clip_denoised, prediction_type and generator on; then noise x0 to t_prev '
+        'with q_sample (or use x0 itself after the last step) and keep it where mask is 1, the '
+        'sample where mask is 0.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

@@ -22,15 +22,14 @@ Conventions checked (latent-diffusion / Stable Diffusion, diffusers):
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 import torch.nn as nn
 
-from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, seeded
+from minigen.course.checks._framework import CheckFailed, Exercise, _fmt_shape, seeded, checker, show_hint
 
-__all__ = ["cross_attention", "latent_scaling", "text_to_image"]
+__all__ = ["hint", "cross_attention", "latent_scaling", "text_to_image", "latent_scaling_hidden"]
 
 
 # ---------------------------------------------------------------------------- 7.1
@@ -66,55 +65,72 @@ def _attention64(x, context, wq, wk, wv, w_out, b_out, heads, *, scale="dim_head
     return out, attn
 
 
-def _linear_of(ex, module, name):
-    layer = getattr(module, name, None)
-    if isinstance(layer, nn.Sequential) and len(layer) and isinstance(layer[0], nn.Linear):
-        layer = layer[0]  # to_out = Sequential(Linear, Dropout), as in latent diffusion
-    if not isinstance(layer, nn.Linear):
-        ex.fail(f"your module has no nn.Linear called `{name}` (found {type(layer).__name__}); "
-                "name the projections to_q, to_k, to_v and to_out as latent diffusion and diffusers "
-                "do, so the trained weights can be loaded into your module")
-    return layer
+def _projection_keys(ex, sd):
+    """The state_dict keys of the four projections: to_q, to_k, to_v and to_out (to_out.0 when
+    to_out is an nn.Sequential(Linear, Dropout), as in latent diffusion)."""
+    keys = {}
+    for name in ("to_q", "to_k", "to_v", "to_out"):
+        for prefix in (name, f"{name}.0"):
+            if isinstance(sd.get(f"{prefix}.weight"), torch.Tensor) and sd[f"{prefix}.weight"].dim() == 2:
+                keys[name] = prefix
+                break
+        else:
+            ex.fail(f"your module has no Linear layer called `{name}` (its parameters are "
+                    f"{sorted(sd) or 'none'}); name the projections to_q, to_k, to_v and to_out as "
+                    "latent diffusion and diffusers do, so the trained weights can be loaded into your module")
+    return keys
 
 
 def _build_attention(ex, cls, query_dim, context_dim, heads, dim_head, g):
-    """Instantiate the learner's class, check its layers and give them seeded random weights."""
+    """Instantiate the learner's class, check its parameter shapes and load seeded random weights.
+
+    Black box: only state_dict() (names and shapes) and load_state_dict() are used.
+    Returns the module and the weights loaded: {name: (weight, bias or None)}.
+    """
     ex.callable(cls)
     m = ex.call(cls, query_dim=query_dim, context_dim=context_dim, heads=heads, dim_head=dim_head)
-    if not isinstance(m, nn.Module):
-        ex.fail(f"CrossAttention(...) should build an nn.Module, got {type(m).__name__}")
+    sd = ex.call(m.state_dict)
+    if not isinstance(sd, dict):
+        ex.fail("CrossAttention(...) should build an nn.Module (its state_dict() gave "
+                f"{type(sd).__name__})")
     inner = heads * dim_head
-    layers = {name: _linear_of(ex, m, name) for name in ("to_q", "to_k", "to_v", "to_out")}
+    keys = _projection_keys(ex, sd)
     want = {"to_q": (query_dim, inner), "to_k": (context_dim, inner), "to_v": (context_dim, inner),
             "to_out": (inner, query_dim)}
     for name, (fan_in, fan_out) in want.items():
-        lin = layers[name]
-        if (lin.in_features, lin.out_features) != (fan_in, fan_out):
+        out_f, in_f = sd[f"{keys[name]}.weight"].shape
+        if (in_f, out_f) != (fan_in, fan_out):
             mistake = None
-            if name in ("to_k", "to_v") and lin.in_features == query_dim:
+            if name in ("to_k", "to_v") and in_f == query_dim:
                 mistake = ("keys and values are projections of the *context* (the text), so their "
                            "input size is context_dim, not query_dim")
-            elif fan_out == inner and lin.out_features != inner:
+            elif fan_out == inner and out_f != inner:
                 mistake = "the projections map to heads * dim_head features (all heads side by side)"
-            ex.fail(f"`{name}` is Linear({lin.in_features}, {lin.out_features}); with query_dim="
+            ex.fail(f"`{name}` is Linear({in_f}, {out_f}); with query_dim="
                     f"{query_dim}, context_dim={context_dim}, heads={heads}, dim_head={dim_head} it "
                     f"should be Linear({fan_in}, {fan_out})", mistake=mistake)
     for name in ("to_q", "to_k", "to_v"):
-        if layers[name].bias is not None:
+        if f"{keys[name]}.bias" in sd:
             ex.fail(f"`{name}` has a bias; latent diffusion's q, k, v projections have none",
                     mistake=f"use nn.Linear(..., bias=False) for {name} (the output projection to_out "
                             "keeps its bias)")
     # seeded weights, large enough that the attention is far from uniform: the scale matters
-    with torch.no_grad():
-        for name, lin in layers.items():
-            gain = 2.0 if name in ("to_q", "to_k") else 1.0
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * gain / math.sqrt(lin.in_features))
-            if lin.bias is not None:
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * 0.1)
-    m.eval()
-    return m, layers
+    new_sd, weights = {k: v.clone() for k, v in sd.items()}, {}
+    for name, (fan_in, fan_out) in want.items():
+        gain = 2.0 if name in ("to_q", "to_k") else 1.0
+        w = torch.randn(fan_out, fan_in, generator=g) * gain / math.sqrt(fan_in)
+        new_sd[f"{keys[name]}.weight"] = w
+        b = None
+        if f"{keys[name]}.bias" in sd:
+            b = torch.randn(fan_out, generator=g) * 0.1
+            new_sd[f"{keys[name]}.bias"] = b
+        weights[name] = (w, b)
+    ex.call(m.load_state_dict, new_sd)
+    ex.call(m.eval)
+    return m, weights
 
 
+@checker
 def cross_attention(cls) -> None:
     """Exercise 7.1: multi-head cross-attention, from image tokens (queries) to text tokens."""
     ex = Exercise("7.1", "cross_attention")
@@ -136,9 +152,8 @@ def cross_attention(cls) -> None:
             ex.fail("module(x, context) returned a tuple; return only the output tensor "
                     "(and (output, attention) only when return_attention=True)")
         out = ex.tensor(out, shape=(n, length, qd), dtype=torch.float32, what="the output" + case)
-        w = dict(wq=layers["to_q"].weight.detach(), wk=layers["to_k"].weight.detach(),
-                 wv=layers["to_v"].weight.detach(), w_out=layers["to_out"].weight.detach(),
-                 b_out=None if layers["to_out"].bias is None else layers["to_out"].bias.detach())
+        w = dict(wq=layers["to_q"][0], wk=layers["to_k"][0], wv=layers["to_v"][0], w_out=layers["to_out"][0],
+                 b_out=layers["to_out"][1])
         xd, cdt = x.detach(), context.detach()
 
         def ref(**kw):
@@ -232,6 +247,7 @@ def _as_number(ex, value, what):
     return float(value)
 
 
+@checker
 def latent_scaling(fit_scale_factor, encode, decode) -> None:
     """Exercise 7.2: the scale factor 1/std, and scaling on the way in and out of latent space."""
     ex = Exercise("7.2", "latent_scaling")
@@ -445,19 +461,12 @@ def _reference_pipeline(prompts, tok, enc, unet, ab, sf, dec, x_T, w, steps, *, 
     return dec(z_in), z
 
 
+@checker
 def text_to_image(fn) -> None:
     """Exercise 7.3: tokenize, encode, DDIM with classifier-free guidance, unscale, decode;
     the U-Net's output is eps or v (prediction_type, passed on to ddim_step)."""
     ex = Exercise("7.3", "text_to_image")
     ex.callable(fn)
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: let the calls below tell
-        params = None
-    if params is not None and "prediction_type" not in params and not any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        ex.fail("your function has no `prediction_type` keyword; add prediction_type=\"epsilon\" to its "
-                "signature and pass it on to ddim_step (the lesson's model predicts v)")
     g = torch.Generator().manual_seed(73)
     latent_shape = (4, 4, 4)
     tok = _FakeTokenizer(max_length=8)
@@ -538,6 +547,20 @@ def text_to_image(fn) -> None:
     if not dec_in or not torch.allclose(dec_in[-1], z_final / sf, atol=1e-4, rtol=1e-4):
         ex.fail("decode_fn did not receive the final latents divided by scale_factor")
 
+    # another guidance scale and number of steps: both arguments must be used as given
+    w2, steps2 = 1.6, 4
+    out2 = ex.tensor(run(x_T=x_T.clone(), guidance_scale=w2, steps=steps2), shape=(n, 3, 16, 16),
+                     dtype=torch.float32, what=f"the images (guidance_scale={w2}, steps={steps2})")
+    ref2 = _reference_pipeline(prompts, tok, enc, unet, ab, sf, dec_conv, x_T, w2, steps2)[0]
+    ex.close(out2, ref2, atol=1e-4, rtol=1e-4, what=f"the images with guidance_scale={w2}, steps={steps2}",
+             mistakes=[
+                 (_reference_pipeline(prompts, tok, enc, unet, ab, sf, dec_conv, x_T, w, steps2)[0],
+                  f"guidance_scale={w2} was ignored (your pipeline used {w}): combine the outputs with the "
+                  "guidance_scale argument, not a fixed number"),
+                 (_reference_pipeline(prompts, tok, enc, unet, ab, sf, dec_conv, x_T, w2, steps)[0],
+                  f"steps={steps2} was ignored: build the timestep grid from the steps argument"),
+             ])
+
     # the same pipeline for a v-predicting U-Net: guidance is the same linear combination of
     # the two outputs, and ddim_step must be told that they are v
     out_v = run(x_T=x_T.clone(), prediction_type="v")
@@ -569,5 +592,90 @@ def text_to_image(fn) -> None:
         ex.fail(f"the first U-Net call got latents of shape {_fmt_shape(first.shape)}, "
                 f"expected (64, {', '.join(map(str, latent_shape))}) (or twice the batch with guidance)")
     ex.mean_std(first, 0.0, 1.0, what="the starting latents x_T (not given)")
+
+    # ... drawn with the generator passed in: the same generator seed gives the same start
+    # whatever the global RNG holds, another seed another start
+    def start(seed, global_seed):
+        unet.calls.clear()
+        with seeded(global_seed), torch.no_grad():
+            ex.call(fn, ["a red circle", "a blue square"], tokenizer=tok, text_encoder=enc, unet=unet,
+                    alphas_cumprod=ab.clone(), scale_factor=sf, decode_fn=decode_fn, latent_shape=latent_shape,
+                    guidance_scale=w, steps=1, ddim_step=_make_ddim_step([]),
+                    generator=torch.Generator().manual_seed(seed))
+        return unet.calls[0][0][:2].clone()
+
+    a, b, c = start(11, 1), start(11, 2), start(12, 1)
+    if not torch.equal(a, b):
+        ex.fail("with x_T not given, the same `generator` gave different starting latents (the global "
+                "RNG decided them)", mistake="draw the starting noise from the generator you were given: "
+                "pass generator=generator to torch.randn")
+    if torch.equal(a, c):
+        ex.fail("generators with different seeds gave the same starting latents: the noise must come "
+                "from the generator passed in")
     ex.passed("empty-prompt null condition, CFG direction, DDIM grid without clipping, eps and v, "
               "unscale before decode")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def latent_scaling_hidden(fit_scale_factor, encode, decode) -> None:
+    """Hidden test of 7.2: the fitted factor of latents with std 4 is 1/4; decode undoes encode."""
+    ex = Exercise("7.2", "latent_scaling", hidden=True)
+    g = torch.Generator().manual_seed(720)
+    z = torch.randn(64, 4, 8, 8, generator=g)
+    z = (z - z.mean()) / z.std() * 4.0 + 1.5
+    sf = _as_number(ex, ex.call(fit_scale_factor, z), "the scale factor")
+    if abs(sf - 0.25) > 1e-4:
+        ex.fail(f"for latents whose standard deviation is 4 the scale factor is {sf:.6g}, expected 0.25")
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    scaled = ex.tensor(ex.call(encode, _cube, x, 0.3), shape=x.shape, what="encode with the encoder x -> x^3")
+    ex.close(scaled, x.double() ** 3 * 0.3, atol=1e-5, rtol=1e-5, what="encode with the encoder x -> x^3")
+    back = ex.tensor(ex.call(decode, _cube_root, scaled, 0.3), shape=x.shape, what="decode(encode(x))")
+    ex.close(back, x, atol=1e-4, rtol=1e-4, what="decode(encode(x)) with the decoder z -> z^(1/3)")
+
+
+def _cube(x):
+    """A trusted, nonlinear stand-in encoder (so scaling before and after it differ)."""
+    return x ** 3
+
+
+def _cube_root(z):
+    """The inverse of _cube: a stand-in decoder."""
+    return z.sign() * z.abs() ** (1 / 3)
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '7.1': (
+        'Queries come from the image tokens, keys and values from the text tokens; several heads '
+        'attend in parallel, each over dim_head features.',
+        'Linear maps without bias: to_q from query_dim, to_k and to_v from context_dim, each to '
+        'heads times dim_head; to_out maps back to query_dim (with bias). In forward: project, '
+        'split the features into heads and move the head axis before the token axis, scale the '
+        'scores by dim_head to the power -1/2, softmax over the text tokens, weight the values, '
+        'merge the heads back and apply to_out.',
+    ),
+    '7.2': (
+        'Diffusion works best when the latents have unit variance, so scale them by one number '
+        'fitted on a sample of latents; undo the scale before decoding.',
+        'The scale factor is 1 over the standard deviation of all the latent values together, as '
+        "a Python float. encode: the autoencoder's latents times the factor. decode: divide by "
+        'the factor first, then call the decoder.',
+    ),
+    '7.3': (
+        'Encode the prompts and an empty prompt, then run DDIM in latent space with classifier-'
+        'free guidance, and decode the final latents.',
+        'Context: the text encoder applied to the tokenized prompts; null context: the same for n'
+        ' empty strings. Start from x_T (or noise drawn with the generator). For each DDIM '
+        'timestep: run the U-Net on both contexts, combine the outputs with the guidance scale, '
+        'take a ddim_step with eta 0, no clipping, and prediction_type passed on. Finally undo '
+        'the latent scale and decode.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from minigen.course.checks._framework import Exercise
+from minigen.course.checks._framework import Exercise, checker, show_hint
 
-__all__ = ["pareto_front"]
+__all__ = ["hint", "pareto_front", "pareto_front_hidden"]
 
 
 def _front(cost, error, dominates) -> torch.Tensor:
@@ -35,6 +35,7 @@ def _inputs(g, n):
     return cost * scale[0], error * scale[1]
 
 
+@checker
 def pareto_front(fn) -> None:
     """Exercise 8.1: pareto_front(cost, error) -> bool (N,), True for the models no other model beats."""
     ex = Exercise("8.1", "pareto_front")
@@ -78,3 +79,36 @@ def pareto_front(fn) -> None:
         ex.fail(f"wrong mask for cost={[round(v, 3) for v in c]}, error={[round(v, 3) for v in e]}: "
                 f"got {out.int().tolist()}, expected {ref.int().tolist()}")
     ex.passed("ties, duplicates, four random tables and a hand-made one")
+
+
+# ---------------------------------------------------------------------------- hidden tests
+@checker
+def pareto_front_hidden(fn) -> None:
+    """Hidden test of 8.1: one model, identical models, and a model beaten on both axes."""
+    ex = Exercise("8.1", "pareto_front", hidden=True)
+    for cost, error, want in [([1.0], [2.0], [True]), ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [True, True, True]),
+                              ([1.0, 2.0], [1.0, 2.0], [True, False]), ([3.0, 1.0, 2.0], [1.0, 3.0, 2.0],
+                                                                       [True, True, True])]:
+        out = ex.call(fn, torch.tensor(cost), torch.tensor(error))
+        out = ex.tensor(out, shape=(len(cost),), dtype=torch.bool, what=f"the mask for cost={cost}, error={error}")
+        if out.tolist() != want:
+            ex.fail(f"for cost={cost}, error={error} the front is {want}, you returned {out.tolist()}")
+
+
+# ---------------------------------------------------------------------------- hints
+# Progressive hints, printed by check.hint("N.M") (the idea) and check.hint("N.M", 2) (the
+# recipe in words). No hint is runnable code: the learner writes the code.
+HINTS = {
+    '8.1': (
+        'A model is on the Pareto front when no other model is at least as good on both cost and '
+        'error and strictly better on one of them.',
+        "Compare every pair at once with broadcasting: for each i and j, ask whether j's cost and"
+        " error are both no larger than i's and at least one is smaller. i is on the front when "
+        'no j dominates it. Return a bool tensor with one entry per model.',
+    ),
+}
+
+
+def hint(number: str, level: int = 1) -> None:
+    """Print a hint for an exercise of this lesson: level 1 the idea, level 2 the recipe in words."""
+    show_hint(HINTS, number, level)
