@@ -30,11 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigen import samplers
 from minigen.unet import UNet, UNetConfig
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "heun")  # the last two: ODE solvers in minigen.samplers
 SPACINGS = ("trailing", "leading", "linspace")
 
 # --------------------------------------------------------------------------------------
@@ -411,12 +412,22 @@ def _progress(it, progress, desc):
 def sample_loop(model_fn, x_T, alphas_cumprod, *, sampler="ddpm", steps=None, eta=0.0,
                 spacing="trailing", t_start=None, generator=None, progress=False,
                 p_sample=p_sample, ddim_step=ddim_step, **step_kwargs):
-    """Denoise x_T down to a sample with DDPM (all T steps) or DDIM (`steps` steps).
+    """Denoise x_T down to a sample with DDPM (all T steps), DDIM (`steps` steps) or one of
+    minigen.samplers' ODE solvers: "dpmsolver++" (`steps` evaluations) or "heun" (`steps`
+    Karras sigmas, 2 steps - 1 evaluations); `steps=None` takes each one's default.
 
     t_start (optional) starts from a partially noised x at that timestep instead of
     T - 1: only grid timesteps <= t_start are visited (img2img). step_kwargs
     (prediction_type, clip_denoised, variance_type for DDPM) go to the step function.
     """
+    if sampler in samplers.SAMPLERS:  # DPM-Solver++ / Heun on Karras sigmas
+        if t_start is not None or eta:
+            raise ValueError(f"sampler {sampler!r} is a deterministic ODE solver from pure noise: img2img, "
+                             f"inpainting and eta > 0 need sampler='ddim' or 'ddpm'")
+        return samplers.diffusion_sample(
+            model_fn, x_T, alphas_cumprod, sampler=sampler, steps=steps, spacing=spacing, progress=progress,
+            prediction_type=step_kwargs.get("prediction_type", "epsilon"),
+            clip_denoised=step_kwargs.get("clip_denoised", True))
     T = len(alphas_cumprod)
     grid = _timestep_grid(T, sampler, steps, spacing)
     if t_start is not None:
@@ -631,7 +642,7 @@ class DiffusionConfig:
     clip_denoised: bool = True  # clamp x0_hat to [-1, 1]; False for latent diffusion
     cond_drop_prob: float = 0.1  # classifier-free guidance: P(condition -> null) in training
     sampler: str = "ddim"  # default sampler of sample() / sample_images()
-    sample_steps: int = 50  # DDIM steps (DDPM always takes all T)
+    sample_steps: int = 50  # DDIM / DPM-Solver++ steps, Heun's Karras sigmas (DDPM always takes all T)
     eta: float = 0.0
     spacing: str = "trailing"
     guidance_scale: float = 1.0  # 1 = plain conditional sampling
@@ -749,16 +760,18 @@ class GaussianDiffusion(nn.Module):
         with _eval_mode(self):
             return sample_loop(
                 self.denoiser(self._labels(n, y), context, guidance_scale), x_T, self.alphas_cumprod,
-                sampler=sampler, steps=(steps or c.sample_steps) if sampler == "ddim" else steps,
-                eta=c.eta if eta is None else eta, spacing=spacing or c.spacing, generator=generator,
+                sampler=sampler, steps=(steps or c.sample_steps) if sampler != "ddpm" else steps,
+                eta=(c.eta if sampler == "ddim" else 0.0) if eta is None else eta,
+                spacing=spacing or c.spacing, generator=generator,
                 progress=progress, p_sample=self.p_sample_fn, ddim_step=self.ddim_step_fn,
                 **self._step_kwargs())
 
-    def sample_images(self, n, guidance=None, steps=None):
+    def sample_images(self, n, guidance=None, steps=None, sampler=None):
         """Samples cycling through the classes: fit's periodic grids and `minigen sample`
-        (--guidance, --steps; None keeps the config's guidance_scale and sample_steps)."""
+        (--guidance, --steps, --sampler; None keeps the config's guidance_scale,
+        sample_steps and sampler)."""
         y = torch.arange(n) % self.num_classes if self.num_classes else None
-        return self.sample(n, y=y, guidance_scale=guidance, steps=steps)
+        return self.sample(n, y=y, guidance_scale=guidance, steps=steps, sampler=sampler)
 
     @torch.no_grad()
     def inpaint(self, x, mask, y=None, context=None, *, guidance_scale=None, sampler="ddpm", steps=None,
