@@ -647,11 +647,19 @@ class DiffusionConfig:
     spacing: str = "trailing"
     guidance_scale: float = 1.0  # 1 = plain conditional sampling
     unet: UNetConfig | None = None  # the denoiser build() makes (None: bring your own)
+    backbone: str = "unet"  # "unet" | "dit": which of config.unet / config.dit is built
+    dit: object | None = None  # a minigen.dit.DiTConfig, for backbone="dit"
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
         if isinstance(self.unet, dict):  # rebuilt from a checkpoint's plain dict
             self.unet = UNetConfig(**self.unet)
+        if isinstance(self.dit, dict):
+            from minigen.dit import DiTConfig
+
+            self.dit = DiTConfig(**self.dit)
+        if self.backbone not in ("unet", "dit"):
+            raise ValueError(f"DiffusionConfig.backbone = {self.backbone!r}: use 'unet' or 'dit'")
         for name, allowed in (("beta_schedule", ("linear", "scaled_linear", "cosine")),
                               ("prediction_type", PREDICTION_TYPES), ("variance_type", VARIANCE_TYPES),
                               ("sampler", SAMPLERS), ("spacing", SPACINGS)):
@@ -679,9 +687,16 @@ class GaussianDiffusion(nn.Module):
             model, config = None, model
         self.config = config = config or DiffusionConfig()
         if model is None:
-            if config.unet is None:
+            if config.backbone == "dit":
+                from minigen.dit import DiT
+
+                if config.dit is None:
+                    raise ValueError("GaussianDiffusion with backbone='dit' needs a model or config.dit")
+                model = DiT(config.dit)
+            elif config.unet is None:
                 raise ValueError("GaussianDiffusion needs a model or config.unet to build a UNet from")
-            model = UNet(config.unet)
+            else:
+                model = UNet(config.unet)
         self.model = model
         self.q_sample_fn, self.p_sample_fn, self.ddim_step_fn = q_sample, p_sample, ddim_step
         self.guidance_fn, self.inpaint_fn = guidance, inpaint
@@ -841,18 +856,28 @@ def build(config_overrides=None, image_shape=(3, 32, 32), num_classes=None):
     None) to train an unconditional model on a labelled dataset.
     """
     overrides = dict(config_overrides or {})
-    dfields = {f.name for f in fields(DiffusionConfig)} - {"unet"}
-    ufields = {f.name for f in fields(UNetConfig)}
+    dfields = {f.name for f in fields(DiffusionConfig)} - {"unet", "dit"}
+    backbone = overrides.get("backbone", "unet")
+    if backbone == "dit":  # backbone=dit: the DiT's fields instead of the U-Net's
+        from minigen.dit import DiTConfig as bcls
+    elif backbone == "unet":
+        bcls = UNetConfig
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}: use 'unet' or 'dit'")
+    ufields = {f.name for f in fields(bcls)}
     unknown = set(overrides) - dfields - ufields
     if unknown:
-        raise ValueError(f"unknown diffusion option(s) {sorted(unknown)}; valid: {sorted(dfields | ufields)}")
+        raise ValueError(f"unknown diffusion option(s) {sorted(unknown)} for backbone {backbone!r}; "
+                         f"valid: {sorted(dfields | ufields)}")
     image_shape = tuple(image_shape)
     if "num_classes" in overrides:
         num_classes = overrides.pop("num_classes")
     uargs = {k: v for k, v in overrides.items() if k in ufields}
     uargs.setdefault("in_channels", image_shape[0])
     uargs["num_classes"] = num_classes or None
+    if backbone == "dit":
+        uargs.setdefault("input_size", image_shape[1:])
     dargs = {k: v for k, v in overrides.items() if k in dfields}
     dargs.setdefault("image_shape", image_shape)
-    config = DiffusionConfig(**dargs, unet=UNetConfig(**uargs))
+    config = DiffusionConfig(**dargs, **{backbone: bcls(**uargs)})
     return GaussianDiffusion(None, config)
