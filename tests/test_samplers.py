@@ -165,3 +165,185 @@ def test_fixture_schedules_are_minigens():
         ours = D.alphas_cumprod(D.make_beta_schedule(names[case["beta_schedule"]], 1000))
         # float32 cumprod over 1000 factors: relative error up to ~1000 EPS32 in the worst case
         np.testing.assert_allclose(ours.numpy(), case["alphas_cumprod"], rtol=1000 * EPS32, atol=1e-12)
+
+
+# -- formulas on fresh inputs ---------------------------------------------------------------
+
+from _gaussian_toy import GaussianModel, close_moments, per_channel  # noqa: E402
+
+
+def test_karras_sigmas_formula():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    n = int(torch.randint(2, 40, (), generator=g))
+    lo = float(torch.empty(()).uniform_(1e-3, 0.1, generator=g))
+    hi = float(torch.empty(()).uniform_(1.0, 200.0, generator=g))
+    rho = float(torch.empty(()).uniform_(1.0, 9.0, generator=g))
+    s = S.karras_sigmas(n, lo, hi, rho)
+    ref = [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)]
+    np.testing.assert_allclose(s.numpy(), ref, rtol=1e-12)
+    assert abs(float(s[0]) - hi) < 1e-9 * hi and abs(float(s[-1]) - lo) < 1e-12 and bool((s[1:] < s[:-1]).all())
+    for bad in [(0, lo, hi), (n, 0.0, hi), (n, hi, lo), (n, lo, math.inf)]:
+        with pytest.raises(ValueError):
+            S.karras_sigmas(*bad)
+
+
+@pytest.mark.parametrize("T,N", [(1000, 10), (1000, 7), (1000, 50), (100, 13), (10, 10)])
+def test_dpm_spacings(T, N):
+    lin = [round(i * (T - 1) / N) for i in range(N + 1)][::-1][:-1]
+    lead = [i * (T // (N + 1)) for i in range(N + 1)][::-1][:-1]
+    trail = [round(T - i * T / N) - 1 for i in range(N)]
+    assert S.dpm_timesteps(T, N, "linspace").tolist() == lin
+    assert S.dpm_timesteps(T, N, "leading").tolist() == lead
+    assert S.dpm_timesteps(T, N, "trailing").tolist() == trail == D.ddim_timesteps(T, N, "trailing").tolist()
+    with pytest.raises(ValueError, match="spacing"):
+        S.dpm_timesteps(T, N, "uniform")
+    with pytest.raises(ValueError, match="steps"):
+        S.dpm_timesteps(T, T + 1)
+
+
+def test_vp_schedule_timestep_interpolation():
+    ab = D.alphas_cumprod(D.make_beta_schedule("cosine", 1000))
+    sched = S.VPSchedule(ab)
+    t = torch.randint(0, 1000, (20,))
+    np.testing.assert_allclose(sched.timestep(sched.sigmas[t]).numpy(), t.double().numpy(), atol=1e-9)
+    # between two training steps: linear in log sigma
+    k, w = int(torch.randint(0, 999, ())), float(torch.rand(()))
+    log_s = (1 - w) * sched.log_sigmas[k] + w * sched.log_sigmas[k + 1]
+    assert abs(float(sched.timestep(log_s.exp())) - (k + w)) < 1e-9
+    # outside the trained range: clamped to [0, T - 1]
+    assert float(sched.timestep(torch.tensor(1e-6))) == 0 and float(sched.timestep(torch.tensor(1e9))) == 999
+    # the grids' coefficients: alpha^2 + sigma^2 = 1 at every noisy point, clean point last
+    for grid in (sched.spaced(12, "linspace"), sched.karras(9)):
+        np.testing.assert_allclose((grid.alphas**2 + grid.sigmas**2).numpy(), 1.0, atol=1e-12)
+        assert float(grid.alphas[-1]) == 1 and float(grid.sigmas[-1]) == 0
+
+
+def test_to_x0_conversions_on_fresh_inputs():
+    x0, eps = torch.randn(4, 3, 2, 2, dtype=torch.float64), torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    phi = float(torch.rand(())) * math.pi / 2 * 0.98 + 0.01
+    a, s = math.cos(phi), math.sin(phi)
+    x = a * x0 + s * eps
+    ab = torch.tensor([0.5, 0.4])
+    torch.testing.assert_close(S.VPSchedule(ab, "epsilon").to_x0(eps, x, a, s), x0)
+    torch.testing.assert_close(S.VPSchedule(ab, "v").to_x0(a * eps - s * x0, x, a, s), x0)
+    torch.testing.assert_close(S.VPSchedule(ab, "x0").to_x0(x0, x, a, s), x0)
+    t = float(torch.rand(()))
+    torch.testing.assert_close(S.FlowSchedule.to_x0(eps - x0, (1 - t) * x0 + t * eps, 1 - t, t), x0)
+
+
+MU, SD = [1.5, -0.5], [0.3, 0.8]
+
+
+def exact_solution(x_start, alpha, sigma, mu=MU, s=SD):
+    """Where the probability-flow ODE of N(mu, s^2) data takes x_start at (alpha, sigma)."""
+    m, sd = per_channel(mu, x_start), per_channel(s, x_start)
+    return m + sd * (x_start - alpha * m) / (alpha**2 * sd**2 + sigma**2).sqrt()
+
+
+def error_vs_exact(solver, grid, fn, to_x0, x_T):
+    if solver == "dpm":
+        out = S.dpm_solver_pp_2m(fn, x_T, grid, to_x0)
+        start = x_T
+    elif solver in ("heun", "euler"):
+        out = S.heun(fn, x_T, grid, to_x0, euler=solver == "euler")
+        start = x_T * float(grid.sigmas[0])  # heun starts at x~ = s_0 x_T, i.e. x_t = sigma_0 x_T
+    ref = exact_solution(start, float(grid.alphas[0]), float(grid.sigmas[0]))
+    return float((out - ref).abs().max())
+
+
+def lambda_uniform_flow_grid(n, lam_min=-6.0, lam_max=6.0):
+    """n flow points uniform in lambda = log(alpha / sigma) = logit(1 - t)."""
+    return S.FlowSchedule()._grid(torch.sigmoid(-torch.linspace(lam_min, lam_max, n, dtype=torch.float64)))
+
+
+def test_orders_of_the_solvers():
+    """Halving the step size divides the error by ~2^order: Euler (= DDIM) 2, Heun and
+    DPM-Solver++(2M) 4, measured against the exact ODE solution of a Gaussian toy."""
+    x_T = torch.randn(300, 2, 1, 1, dtype=torch.float64)
+    sched = S.VPSchedule(D.alphas_cumprod(D.make_beta_schedule("linear", 1000)), "epsilon")
+    eps_model = GaussianModel("epsilon", [MU], SD, log_sigmas=sched.log_sigmas)
+    flow_model = GaussianModel("flow", [MU], SD)
+    cases = [("heun", sched.karras, eps_model, sched.to_x0, (16, 32), 4),
+             ("euler", sched.karras, eps_model, sched.to_x0, (16, 32), 2),
+             ("dpm", lambda_uniform_flow_grid, flow_model, S.FlowSchedule.to_x0, (32, 64), 4)]
+    for solver, make_grid, model, to_x0, (n1, n2), expected in cases:
+        e1 = error_vs_exact(solver, make_grid(n1), model, to_x0, x_T)
+        e2 = error_vs_exact(solver, make_grid(n2), model, to_x0, x_T)
+        assert 0.75 * expected <= e1 / e2 <= 1.4 * expected, f"{solver}: error ratio {e1 / e2:.2f}, expected ~{expected}"
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v", "x0"])
+@pytest.mark.parametrize("sampler,steps", [("dpmsolver++", 15), ("heun", 20)])
+def test_samplers_land_on_the_gaussian(kind, sampler, steps):
+    """Through GaussianDiffusion.sample, with the exact network of a Gaussian: the samples
+    have the data's mean and std (guidance off, then on: w = 3 moves the mean to
+    mu_null + 3 (mu_c - mu_null), the Gaussian whose denoiser is the guided one)."""
+    torch.manual_seed(0)
+    # Heun on the linear schedule: the cosine schedule's last beta (0.999) puts its Karras
+    # grid's top at s = 2e4, and 10-20 points spread from there to 0.016 step over the
+    # data's scale too coarsely (std 0.85 for 0.3 with 10 points; ~40 are needed). Even on
+    # the linear schedule this sharp toy (std 0.3) needs ~20 Karras points (10: std 0.39).
+    schedule = "cosine" if sampler == "dpmsolver++" else "linear"
+    cfg = D.DiffusionConfig(image_shape=(2, 4, 4), beta_schedule=schedule, prediction_type=kind,
+                            clip_denoised=False)
+    sched = S.VPSchedule(D.alphas_cumprod(D.make_beta_schedule(schedule, 1000)))
+    mu_null = [0.5, 0.0]
+    net = GaussianModel("epsilon" if kind == "x0" else kind, [MU], SD, null_mu=mu_null, log_sigmas=sched.log_sigmas)
+    if kind == "x0":
+        eps_net = net
+
+        class X0(torch.nn.Module):  # the same Gaussian, answering with x0_hat
+            config = eps_net.config
+
+            def forward(self, x, t, y=None, context=None):
+                a, sg = (v.view(-1, 1, 1, 1) for v in eps_net.alpha_sigma(torch.as_tensor(t).expand(len(x))))
+                return (x - sg * eps_net(x, t, y)) / a
+        net = X0()
+    model = D.GaussianDiffusion(net, cfg)
+    x = model.sample(500, y=0, sampler=sampler, steps=steps, guidance_scale=1.0)
+    ok, got = close_moments(x, MU, SD)
+    assert ok, f"{sampler} on the {kind} model: mean/std {got}, want {MU}/{SD}"
+    w = 3.0
+    x = model.sample(500, y=0, sampler=sampler, steps=steps, guidance_scale=w)
+    mu_w = [n + w * (m - n) for m, n in zip(MU, mu_null)]
+    ok, got = close_moments(x, mu_w, SD)
+    assert ok, f"guided {sampler} on the {kind} model: mean/std {got}, want {mu_w}/{SD}"
+
+
+def test_sampler_option_everywhere():
+    """sampler= reaches the ODE solvers through GaussianDiffusion.sample / sample_images and
+    diffusion.sample_loop; unsupported combinations say why."""
+    from minigen.unet import UNetConfig
+
+    model = D.GaussianDiffusion(None, D.DiffusionConfig(image_shape=(1, 8, 8), sample_steps=3,
+                                                        unet=UNetConfig(in_channels=1, channels=8, channel_mult=(1,),
+                                                                        attention_resolutions=(), num_classes=2)))
+    calls = []
+    inner = model.model.forward
+    model.model.forward = lambda *a, **k: (calls.append(1), inner(*a, **k))[1]
+    for sampler, expected in (("dpmsolver++", 3), ("heun", 5), ("ddim", 3)):
+        calls.clear()
+        x = model.sample_images(2, sampler=sampler)
+        assert x.shape == (2, 1, 8, 8) and len(calls) == expected == S.nfe(sampler, 3)
+    with pytest.raises(ValueError, match="ddim"):
+        model.img2img(torch.zeros(1, 1, 8, 8), 0.5, sampler="heun")
+    with pytest.raises(ValueError, match="eta"):
+        model.sample(1, sampler="dpmsolver++", eta=0.5)
+    with pytest.raises(ValueError, match="sampler"):
+        model.sample(1, sampler="dpm")
+    with pytest.raises(ValueError, match="sampler"):
+        D.DiffusionConfig(sampler="euler_a")
+    assert D.DiffusionConfig(sampler="heun").sampler == "heun"
+
+
+def test_grid_errors():
+    with pytest.raises(ValueError, match="clean image"):
+        S.Grid(torch.tensor([0.5, 0.9]), torch.tensor([0.8, 0.1]), torch.tensor([3.0]))
+    with pytest.raises(ValueError, match="K network times"):
+        S.Grid(torch.tensor([0.5, 1.0]), torch.tensor([0.8, 0.0]), torch.tensor([3.0, 2.0]))
+    with pytest.raises(ValueError, match="alpha > 0"):  # Heun's VE view cannot start at t = 1
+        S.heun(lambda x, t: x, torch.zeros(1, 1), S.FlowSchedule().uniform(4), S.FlowSchedule.to_x0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        S.VPSchedule(torch.tensor([0.9, 0.5]), "flow")
+    with pytest.raises(ValueError, match="does not match"):
+        S.dpm_solver_pp_2m(lambda x, t: x[:, :1], torch.zeros(2, 3), S.FlowSchedule().uniform(2), S.FlowSchedule.to_x0)
