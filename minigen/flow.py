@@ -347,8 +347,10 @@ class FlowMatching(nn.Module):
         g = self.make_grid(steps, sampler, grid)
         kind = grid or c.grid
         if sampler == "dpmsolver++":
-            return samplers.dpm_solver_pp_2m(model_fn, x_T, g, self.schedule.to_x0, clip_denoised=clip,
-                                             progress=progress)
+            # the state at the first point is x = (1 - t0) x0 + t0 eps: t0 x_T (exact at t0 = 1;
+            # on a Karras grid, t0 = 0.988, taking x_T itself left the samples' std 4% too large)
+            return samplers.dpm_solver_pp_2m(model_fn, x_T * float(g.sigmas[0]), g, self.schedule.to_x0,
+                                             clip_denoised=clip, progress=progress)
         if kind == "karras":
             # Karras et al.'s Euler/Heun in the VE view; it starts from x~ = s_max x_T
             return samplers.heun(model_fn, x_T, g, self.schedule.to_x0, euler=sampler == "euler",
