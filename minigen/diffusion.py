@@ -669,6 +669,12 @@ class DiffusionConfig:
             raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
 
 
+# the name minigen.cli.load_model looks for first (<Class>Config): without it a checkpoint's
+# config is matched to a dataclass by its exact field set, so a checkpoint saved before a
+# field was added (backbone, dit) would no longer load
+GaussianDiffusionConfig = DiffusionConfig
+
+
 class GaussianDiffusion(nn.Module):
     """A denoiser plus a noise schedule: training loss, samplers, guidance, inpainting,
     img2img and bits/dim.

@@ -234,6 +234,9 @@ class FlowConfig:
             raise ValueError(f"cond_drop_prob must lie in [0, 1], got {self.cond_drop_prob}")
 
 
+FlowMatchingConfig = FlowConfig  # the <Class>Config name minigen.cli.load_model looks for
+
+
 def build_backbone(backbone, unet=None, dit=None) -> nn.Module:
     """The denoising network a model config names: a UNet or a DiT (same forward signature)."""
     if backbone == "unet":

@@ -64,6 +64,13 @@ import torch
 SAMPLERS = ("dpmsolver++", "heun")  # the ODE solvers of this module (DDPM/DDIM: minigen.diffusion)
 DPM_SPACINGS = ("linspace", "leading", "trailing")
 DEFAULT_STEPS = {"dpmsolver++": 20, "heun": 10}
+# Heun's Karras grid for a diffusion model starts at min(the schedule's largest noise level,
+# this) -- Karras et al.'s sigma_max. The cosine schedule's last beta (0.999) puts its
+# largest s at 2e4: a 3-point Karras grid from there visits 2e4, 378, 0.016, and the
+# reference DDPM and LDM (both cosine) came out as noise (FD 100 against DDIM's 15 at 5
+# evaluations, benchmarks/sampler_nfe.py). diffusers' HeunDiscreteScheduler starts at the
+# schedule's top; VPSchedule.karras(sigma_max=None) does too (the conformance fixtures).
+KARRAS_SIGMA_MAX = 80.0
 
 
 def nfe(sampler: str, steps: int) -> int:
@@ -354,10 +361,12 @@ def heun(model_fn, x_T, grid: Grid, to_x0, *, clip_denoised=False, euler=False, 
 @torch.no_grad()
 def diffusion_sample(model_fn, x_T, alphas_cumprod, *, sampler="dpmsolver++", steps=None,
                      prediction_type="epsilon", clip_denoised=True, spacing="trailing", rho=7.0,
-                     progress=False):
+                     sigma_max=KARRAS_SIGMA_MAX, progress=False):
     """Sample a VP diffusion model (model_fn(x_t, t) -> eps / v / x0, guided or not) with
     "dpmsolver++" (`steps` evaluations on the `spacing` grid) or "heun" (`steps` Karras
-    sigmas, 2 steps - 1 evaluations). Returns the sample, shaped like x_T."""
+    sigmas from min(sigma_max, the schedule's top) down to its bottom, 2 steps - 1
+    evaluations; sigma_max=None: the schedule's top, as diffusers). Returns the sample,
+    shaped like x_T."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown ODE sampler {sampler!r}: use one of {SAMPLERS}")
     steps = DEFAULT_STEPS[sampler] if steps is None else steps
@@ -367,9 +376,10 @@ def diffusion_sample(model_fn, x_T, alphas_cumprod, *, sampler="dpmsolver++", st
                                 clip_denoised=clip_denoised, progress=progress)
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"the number of Heun steps must be an int >= 1, got {steps!r}")
-    return heun(model_fn, x_T, sched.karras(steps, rho), sched.to_x0, clip_denoised=clip_denoised,
+    top = sched.sigma_max if sigma_max is None else min(float(sigma_max), sched.sigma_max)
+    return heun(model_fn, x_T, sched.karras(steps, rho, sigma_max=top), sched.to_x0, clip_denoised=clip_denoised,
                 progress=progress)
 
 
-__all__ = ["SAMPLERS", "DEFAULT_STEPS", "Grid", "VPSchedule", "FlowSchedule", "shift_time", "karras_sigmas", "dpm_timesteps",
+__all__ = ["SAMPLERS", "DEFAULT_STEPS", "KARRAS_SIGMA_MAX", "Grid", "VPSchedule", "FlowSchedule", "shift_time", "karras_sigmas", "dpm_timesteps",
            "dpm_solver_pp_2m", "heun", "diffusion_sample", "nfe"]
