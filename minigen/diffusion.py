@@ -743,17 +743,23 @@ class GaussianDiffusion(nn.Module):
         y, context = cfg_dropout(self.config.cond_drop_prob if self.training else 0.0, y, context,
                                  null_y=self.num_classes)
         kwargs = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
-        loss = training_losses(self.model, x, self.alphas_cumprod, prediction_type=self.config.prediction_type,
-                               model_kwargs=kwargs, q_sample=self.q_sample_fn)
-        return dict(loss=loss)
+        return dict(loss=self.loss(x, kwargs))
+
+    def loss(self, x0, model_kwargs=None):
+        """The objective on clean x0 with the condition already dropped: the simple DDPM loss
+        for config.prediction_type. (minigen.flow.FlowMatching.loss is its flow-matching
+        twin, so a wrapper such as latent diffusion can hold either objective.)"""
+        return training_losses(self.model, x0, self.alphas_cumprod, prediction_type=self.config.prediction_type,
+                               model_kwargs=model_kwargs, q_sample=self.q_sample_fn)
 
     # -- sampling -----------------------------------------------------------------------
 
-    def denoiser(self, y=None, context=None, guidance_scale=None):
-        """model_fn(x, t) for the samplers, with classifier-free guidance if asked."""
+    def denoiser(self, y=None, context=None, guidance_scale=None, null_context=None):
+        """model_fn(x, t) for the samplers, with classifier-free guidance if asked (the
+        unconditional half uses the null class and null_context, default zeros)."""
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         return guided_model_fn(self.model, y=y, context=context, guidance_scale=w,
-                               null_y=self.num_classes, guidance=self.guidance_fn)
+                               null_y=self.num_classes, null_context=null_context, guidance=self.guidance_fn)
 
     def _step_kwargs(self):
         c = self.config
@@ -779,13 +785,25 @@ class GaussianDiffusion(nn.Module):
         if x_T is None:
             x_T = torch.randn((n, *c.image_shape), generator=generator, device=device)
         with _eval_mode(self):
-            return sample_loop(
-                self.denoiser(self._labels(n, y), context, guidance_scale), x_T, self.alphas_cumprod,
-                sampler=sampler, steps=(steps or c.sample_steps) if sampler != "ddpm" else steps,
-                eta=(c.eta if sampler == "ddim" else 0.0) if eta is None else eta,
-                spacing=spacing or c.spacing, generator=generator,
-                progress=progress, p_sample=self.p_sample_fn, ddim_step=self.ddim_step_fn,
-                **self._step_kwargs())
+            return self.sample_from(self.denoiser(self._labels(n, y), context, guidance_scale), x_T,
+                                    sampler=sampler, steps=steps, eta=eta, spacing=spacing, generator=generator,
+                                    progress=progress)
+
+    @torch.no_grad()
+    def sample_from(self, model_fn, x_T, *, sampler=None, steps=None, eta=None, spacing=None,
+                    clip_denoised=None, generator=None, progress=False):
+        """Run `sampler` (config's by default) on model_fn (e.g. self.denoiser(...)) from x_T:
+        the sampling half of the objective, twin of minigen.flow.FlowMatching.sample_from."""
+        c = self.config
+        sampler = sampler or c.sampler
+        kwargs = self._step_kwargs()
+        if clip_denoised is not None:
+            kwargs["clip_denoised"] = clip_denoised
+        return sample_loop(model_fn, x_T, self.alphas_cumprod, sampler=sampler,
+                           steps=(steps or c.sample_steps) if sampler != "ddpm" else steps,
+                           eta=(c.eta if sampler == "ddim" else 0.0) if eta is None else eta,
+                           spacing=spacing or c.spacing, generator=generator, progress=progress,
+                           p_sample=self.p_sample_fn, ddim_step=self.ddim_step_fn, **kwargs)
 
     def sample_images(self, n, guidance=None, steps=None, sampler=None):
         """Samples cycling through the classes: fit's periodic grids and `minigen sample`

@@ -336,11 +336,12 @@ class FlowMatching(nn.Module):
 
     @torch.no_grad()
     def sample_from(self, model_fn, x_T, *, sampler=None, steps=None, grid=None, clip_denoised=None,
-                    progress=False):
+                    generator=None, progress=False):
         """Run `sampler` on model_fn (a velocity function, e.g. self.denoiser(...)) from x_T.
 
         "euler" / "heun" integrate in t (on a Karras grid, "heun" is Karras et al.'s Heun in
-        the VE view instead); "dpmsolver++" is DPM-Solver++(2M) on the same grid.
+        the VE view instead); "dpmsolver++" is DPM-Solver++(2M) on the same grid. All are
+        deterministic (generator is accepted for the same call as GaussianDiffusion's).
         """
         c = self.config
         sampler = sampler or c.sampler

@@ -296,3 +296,23 @@ def test_fit_on_shapes_decreases_the_loss():
     assert last < 0.8 * first, f"loss {first:.3f} -> {last:.3f}"
     out = model.sample_images(4)
     assert out.shape == (4, *x.shape[1:]) and float(out.abs().max()) <= 1
+
+
+def test_both_objectives_share_the_interface_a_wrapper_needs():
+    """GaussianDiffusion and FlowMatching both offer loss(x0, model_kwargs) and
+    sample_from(model_fn, x_T, sampler=, steps=): a wrapper such as latent diffusion can hold
+    either as its objective and call them the same way."""
+    unet = dict(in_channels=4, channels=8, channel_mult=(1,), attention_resolutions=(1,), context_dim=6,
+                pooled_context=True, transformer_heads=2, transformer_dim_head=4)
+    objectives = [diffusion.GaussianDiffusion(None, diffusion.DiffusionConfig(
+                      image_shape=(4, 8, 8), clip_denoised=False, unet=UNetConfig(**unet))),
+                  F.FlowMatching(None, F.FlowConfig(image_shape=(4, 8, 8), clip_denoised=False,
+                                                    unet=UNetConfig(**unet)))]
+    z, ctx = torch.randn(3, 4, 8, 8), torch.randn(3, 5, 6)
+    for obj, samplers_ in zip(objectives, (("ddim", "dpmsolver++", "heun"), ("euler", "heun", "dpmsolver++"))):
+        loss = obj.loss(z, dict(context=ctx))
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        fn = obj.denoiser(context=ctx, guidance_scale=2.0, null_context=torch.zeros(1, 1, 6))
+        for sampler in samplers_:
+            out = obj.sample_from(fn, torch.randn(3, 4, 8, 8), sampler=sampler, steps=3)
+            assert out.shape == (3, 4, 8, 8) and torch.isfinite(out).all()
