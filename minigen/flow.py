@@ -324,7 +324,9 @@ class FlowMatching(nn.Module):
         return guided_model_fn(self.model, y=y, context=context, guidance_scale=w, null_y=self.num_classes,
                                null_context=null_context, guidance=self.guidance_fn)
 
-    def make_grid(self, steps=None, sampler=None, grid=None) -> samplers.Grid:
+    def make_grid(self, steps=None, grid=None) -> samplers.Grid:
+        """The sampling grid: config.grid ("flow": uniform in t, shifted; "karras") of
+        `steps` points (config.sample_steps by default), then t = 0."""
         c = self.config
         steps = steps or c.sample_steps
         grid = grid or c.grid
@@ -348,7 +350,7 @@ class FlowMatching(nn.Module):
         if sampler not in FLOW_SAMPLERS:
             raise ValueError(f"unknown flow sampler {sampler!r}: use one of {FLOW_SAMPLERS}")
         clip = c.clip_denoised if clip_denoised is None else clip_denoised
-        g = self.make_grid(steps, sampler, grid)
+        g = self.make_grid(steps, grid)
         kind = grid or c.grid
         if sampler == "dpmsolver++":
             # the state at the first point is x = (1 - t0) x0 + t0 eps: t0 x_T (exact at t0 = 1;
