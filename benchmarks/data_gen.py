@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from minigen import data
+from minigen import builtin_data
 
 
 def main() -> None:
@@ -33,12 +33,12 @@ def main() -> None:
           f"numpy {np.__version__}")
 
     t0, c0 = time.perf_counter(), time.process_time()
-    data._digit_templates()      # one-off font rendering, shared by every digits split
-    print(f"digit glyph templates ({len(data.DIGIT_FONTS)} fonts): "
+    builtin_data._digit_templates()      # one-off font rendering, shared by every digits split
+    print(f"digit glyph templates ({len(builtin_data.DIGIT_FONTS)} fonts): "
           f"{time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU")
 
     print(f"{'dataset':8s} {'split':6s} {'images':>7s} {'wall s':>8s} {'CPU s':>8s} {'images/s':>10s}")
-    for name, (make, version, splits) in data._BUILTIN.items():
+    for name, (make, version, splits) in builtin_data.BUILTIN.items():
         for split, (n, seed) in splits.items():
             n = min(n, 5000) if args.quick else n
             t0, c0 = time.perf_counter(), time.process_time()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import minigen
-from minigen import ldm, train
+from minigen import ldm, runtime
 from minigen.text import TextEncoder, TextEncoderConfig
 from minigen.unet import UNet, UNetConfig
 from minigen.vqgan import VQGAN, VQGANConfig
@@ -89,7 +89,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.default_malloc:
-        train._tune_malloc()
+        runtime.tune_malloc()
     print(f"# latent vs pixel diffusion, {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, minigen {minigen.__version__}, batch {args.batch}, "

@@ -32,6 +32,7 @@ import torch
 
 import minigen
 from minigen import data, judge, ldm, train, vqgan
+from minigen.builtin_data import shapes_label
 from minigen.cli import _parse_overrides as parse_set  # --set key=value, as the CLI reads it
 
 
@@ -50,7 +51,7 @@ def train_vqgan(work: Path, steps: int, n_train: int, seed: int) -> Path:
 
 def head_accuracy(j, x, prompts):
     """(shape accuracy, colour accuracy) separately: which half of the prompt is followed."""
-    want = torch.tensor([ldm._shapes_label(c) for c in prompts])
+    want = torch.tensor([shapes_label(c) for c in prompts])
     got = j.predict(x)
     return float(((got // 6) == (want // 6)).float().mean()), float(((got % 6) == (want % 6)).float().mean())
 

@@ -26,7 +26,7 @@ codes, ddpm = GaussianDiffusion + UNet, ldm when minigen.ldm exists), built with
 - the overhead of minigen.train.fit over a bare loop (benchmarks/train_overhead.py's child).
 
 Numbers are medians over --repeats interleaved rounds. All children raise glibc's malloc
-thresholds as fit does (see minigen.train._tune_malloc); --default-malloc turns that off.
+thresholds as fit does (see minigen.runtime.tune_malloc); --default-malloc turns that off.
 On a machine shared with other jobs the absolute rates swing; the ratios to the matmul rate
 measured in the same rounds are the figures to compare.
 """
@@ -235,8 +235,8 @@ def maxrss_mib():
 def child(args):
     torch.set_num_threads(args.threads)
     if not args.default_malloc:
-        from minigen.train import _tune_malloc
-        _tune_malloc()
+        from minigen.runtime import tune_malloc
+        tune_malloc()
     torch.manual_seed(0)
     bench = BENCHES[args.child](args)
     model = bench.model

@@ -5,7 +5,7 @@ clipping (fit's default grad_clip=1.0), CPU, 2 threads. fit runs as a learner wo
 progress bar on, log_every at its default. Timed per call (setup included) over --steps steps,
 fit and the bare loop interleaved, --repeats times each, medians and their ratio printed.
 
-glibc malloc: fit() raises malloc's mmap/trim thresholds at start (see minigen.train._tune_malloc;
+glibc malloc: fit() raises malloc's mmap/trim thresholds at start (see minigen.runtime.tune_malloc;
 opt out with MINIGEN_NO_MALLOPT=1). That is process-wide and cannot be undone, so each setting
 runs in its own child process, alternating over --rounds; within a child, fit and the bare loop
 run under the same allocator setting, so their ratio is fair either way.
@@ -97,8 +97,8 @@ def fit_loop(model, data, steps):
 def child(args):
     torch.set_num_threads(args.threads)
     if args.malloc == "tuned":
-        from minigen.train import _tune_malloc
-        _tune_malloc()  # before the first big allocation, so both loops run with it
+        from minigen.runtime import tune_malloc
+        tune_malloc()  # before the first big allocation, so both loops run with it
     torch.manual_seed(0)
     data = torch.randn(2048, 3, 32, 32).clamp(-1, 1)
     base = ConvAE() if args.model == "ae" else Tiny()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import minigen
-from minigen import train
+from minigen import runtime
 from minigen.unet import UNet, UNetConfig
 
 
@@ -89,7 +89,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if not args.default_malloc:
-        train._tune_malloc()
+        runtime.tune_malloc()
     model = UNet(UNetConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = forward_gflops(model)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from minigen.nn import ResnetBlock
-from minigen.train import _tune_malloc
+from minigen.runtime import tune_malloc
 from minigen.unet import UNet, UNetConfig
 
 
@@ -84,7 +84,7 @@ def main():
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the baseline")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    _tune_malloc()  # as fit does
+    tune_malloc()  # as fit does
     torch.manual_seed(0)
     b = args.batch
     x, t, noise = torch.randn(b, 3, 32, 32), torch.randint(0, 1000, (b,)), torch.randn(b, 3, 32, 32)

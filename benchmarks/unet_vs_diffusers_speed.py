@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import minigen
-from minigen import train
+from minigen import runtime
 from minigen.unet import UNet, UNetConfig
 from unet_throughput import forward_gflops, matmul_gflops, train_img_per_s  # sibling script
 
@@ -75,7 +75,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    train._tune_malloc()
+    runtime.tune_malloc()
     import diffusers
 
     models = {}

@@ -35,6 +35,26 @@ MODELS = {
 }
 
 
+def image_config(config_cls, overrides, image_shape, **defaults):
+    """The common part of an image model's ``build``: its config for (C, H, W) square images.
+
+    in_channels=C and image_size=H, then the model's `defaults` for this shape, then the
+    --set `overrides`, which must name fields of `config_cls`.
+    """
+    import dataclasses
+
+    name = config_cls.__name__.removesuffix("Config")
+    c, h, w = image_shape
+    if h != w:
+        raise ValueError(f"{name} needs square images, got {h}x{w}")
+    overrides = dict(overrides or {})
+    valid = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise TypeError(f"unknown {name} option(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    return config_cls(**{"in_channels": c, "image_size": h, **defaults, **overrides})
+
+
 class UsageError(Exception):
     """Bad input from the command line: reported without a traceback, exit status 2."""
 
@@ -99,7 +119,7 @@ _TRAIN_DEFAULTS = dict(steps=2000, batch_size=64, lr=2e-4, warmup=0, schedule="c
 def cmd_train(args) -> int:
     import inspect
 
-    from minigen import data, train
+    from minigen import data, runtime, train
 
     models = _available_models()
     if args.model not in models:
@@ -130,7 +150,7 @@ def cmd_train(args) -> int:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     what = f"{nparams / 1e6:.2f}M trainable parameters" + (f", {frozen / 1e6:.2f}M frozen" if frozen else "")
     # under torchrun every process runs this command: report once, from rank 0
-    say = print if train._dist_env()[1] == 0 else (lambda *a, **k: None)
+    say = print if runtime.dist_env()[1] == 0 else (lambda *a, **k: None)
     say(f"training {args.model} ({what}) on {args.data} "
         f"({len(ds)} images {tuple(ds.image_shape)}) for {cfg.steps} steps -> {args.out}")
     result = train.fit(model, train_data, cfg)
@@ -142,55 +162,21 @@ def cmd_train(args) -> int:
 
 # ---------------------------------------------------------------------------- sample
 
-def _find_config_class(mod, cls_name: str, cfg_dict: dict):
-    """The dataclass the model was built from: `<Class>Config`, else the one whose fields match."""
-    import dataclasses
-
-    named = getattr(mod, cls_name + "Config", None)
-    if named is not None:
-        return named
-    for obj in vars(mod).values():
-        if dataclasses.is_dataclass(obj) and isinstance(obj, type):
-            if {f.name for f in dataclasses.fields(obj)} == set(cfg_dict):
-                return obj
-    raise UsageError(f"cannot find the config class of {mod.__name__}.{cls_name}")
-
-
 def load_model(path, device="cpu"):
-    """Rebuild a model from a minigen checkpoint (uses EMA weights when present)."""
-    from minigen import train
+    """-> (model, checkpoint): `minigen.checkpoint.load_model`, kept here for existing imports
+    (imported lazily so that `minigen --help` does not wait for torch)."""
+    from minigen.checkpoint import load_model as load
 
-    ckpt = train.load_checkpoint(path, map_location="cpu")
-    qualname = ckpt.get("model_class") or ""
-    module_name, _, cls_name = qualname.rpartition(".")
-    try:
-        mod = importlib.import_module(module_name)
-        cls = getattr(mod, cls_name)
-    except (ImportError, AttributeError, ValueError):
-        raise UsageError(f"{path} holds a {qualname!r}, which this minigen cannot build") from None
-    cfg_dict = ckpt.get("model_config")
-    if cfg_dict is None:
-        raise UsageError(f"{path} has no model config; it was saved from a model without a dataclass `config`")
-    model = cls(config=_find_config_class(mod, cls_name, cfg_dict)(**cfg_dict))
-    state = dict(ckpt["model"])
-    ema = ckpt.get("ema")
-    if isinstance(ema, dict) and "shadow" in ema:
-        # the EMA holds the averaged parameters and the buffers; anything else (e.g. a
-        # buffer registered after the EMA was made) comes from the raw model state
-        state.update(ema["shadow"])
-        # (the EMA also copies non-persistent buffers, which no state_dict holds)
-        state.update({k: v for k, v in (ema.get("buffers") or {}).items() if k in state})
-    model.load_state_dict(state)
-    return model.to(device).eval(), ckpt
+    return load(path, device)
 
 
 def cmd_sample(args) -> int:
     import torch
     from minigen import plot, train
 
-    path = Path(args.checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    from minigen.checkpoint import resolve
+
+    path = resolve(args.checkpoint)  # a run folder means its checkpoint.pt
     device = train.select_device(args.device)
     model, ckpt = load_model(path, device)
     torch.manual_seed(args.seed)

@@ -1,35 +1,25 @@
-"""Datasets: built-in procedural ones, real ones downloaded once, and any folder of images.
+"""Datasets: the pixel conventions, `ImageDataset`, the disk cache, image folders, `load_dataset`.
 
-Every model in minigen eats float32 images of shape (N, C, H, W) in [-1, 1]. This module
-produces them from four kinds of source:
+Every model in minigen eats float32 images of shape (N, C, H, W) in [-1, 1]; `to_unit`,
+`from_unit`, `to_uint8`, `from_uint8` convert and `check_images` checks. `load_dataset` serves
+four kinds of source:
 
-* ``shapes`` -- 3x32x32 RGB circles, squares and triangles in six colours on a coloured
-  background, with a caption per image ("a small red circle on a blue background").
-  Generated procedurally from a seed: no download, identical on every machine.
-* ``digits`` -- 1x28x28 MNIST-like white-on-black digits, rendered from the fonts that
-  matplotlib ships and then randomly warped (affine + stroke thickness + elastic).
-* ``mnist``, ``fashion-mnist``, ``cifar10`` -- the real datasets, downloaded once into the
-  cache folder and verified against their published MD5 checksums.
+* ``shapes``, ``digits`` -- drawn procedurally from a seed (minigen.builtin_data) and cached
+  on disk in ``$MINIGEN_CACHE`` (default ``~/.cache/minigen``). The cache file name carries the
+  generator's version, and a cache file is used only if its first images are what the
+  generator draws now, so a changed generator never serves stale data.
+* ``mnist``, ``fashion-mnist``, ``cifar10`` -- downloaded once into the cache folder and
+  verified against their published MD5 checksums (minigen.downloads).
 * a path to a folder of PNG/JPEG images, optionally with one sub-folder per class.
 
 Datasets keep their images as uint8 (a quarter of the memory of float32) and convert an
-example to [-1, 1] only when it is read. Built-in datasets are cached on disk in
-``$MINIGEN_CACHE`` (default ``~/.cache/minigen``); the cache file name carries the
-generator's version, so a changed generator never reads stale data.
+example to [-1, 1] only when it is read. The generators' and readers' public names
+(`make_shapes`, `SHAPE_NAMES`, `read_idx`, `DownloadError`, ...) stay importable from here.
 """
 
 from __future__ import annotations
 
-import functools
-import gzip
-import hashlib
-import math
 import os
-import pickle
-import tarfile
-import tempfile
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -37,11 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from minigen.checkpoint import atomic_save
+
 __all__ = [
     "to_unit", "from_unit", "to_uint8", "from_uint8", "check_images",
     "ImageDataset", "load_dataset", "list_datasets",
     "make_shapes", "make_digits", "cache_dir", "read_idx", "read_cifar_batch",
-    "DownloadError",
+    "DownloadError", "check_count", "shapes_caption", "shapes_label",
 ]
 
 # ----------------------------------------------------------------------------- pixel ranges
@@ -99,6 +91,7 @@ def check_images(x, *, channels: int | None = None, size=None, name: str = "imag
     (N, C, H, W) in [-1, 1] with the expected channel count and size (int or (H, W))."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+    x = x.detach()  # a check: no autograd (a model may pass its input that requires grad)
     if x.dim() != 4:
         hint = " (a single image? add a batch dimension with x[None])" if x.dim() == 3 else ""
         raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}{hint}")
@@ -187,13 +180,14 @@ class ImageDataset(torch.utils.data.Dataset):
                 f"{len(self.classes)} classes)")
 
 
-def _check_positive(v, what: str) -> None:
+def check_count(v, what: str) -> None:
+    """A ValueError unless `v` is a positive int (a count of images, a size)."""
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{what} must be a positive int, got {v!r}")
 
 
 def _check_n(n, total: int, name: str) -> int:
-    _check_positive(n, "n (the number of examples to take)")
+    check_count(n, "n (the number of examples to take)")
     if n > total:
         raise ValueError(f"n={n} but {name!r} has only {total} examples in this split")
     return n
@@ -210,293 +204,6 @@ def cache_dir(root=None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "minigen"
 
 
-def _atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: a crash or a
-    concurrent reader never sees a half-written cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# ----------------------------------------------------------------------------- shapes
-# Bump a generator's version whenever its output changes: the version is part of the cache
-# file name, so old caches are simply never read again.
-
-SHAPES_VERSION = 1
-SHAPE_NAMES = ["circle", "square", "triangle"]
-COLOR_NAMES = ["red", "green", "blue", "yellow", "purple", "white"]
-SIZE_NAMES = ["small", "large"]
-BACKGROUND_NAMES = ["black", "gray", "blue", "green", "brown"]
-# Saturated shape colours, darker/muted backgrounds: every allowed (shape colour,
-# background) pair is at least 114 apart in RGB (before a jitter of at most 27 per
-# channel), so the shape always stands out.
-_COLOR_RGB = torch.tensor([[220, 40, 40], [40, 190, 60], [50, 90, 240],
-                           [240, 220, 40], [160, 60, 210], [245, 245, 245]], dtype=torch.float32)
-_BACKGROUND_RGB = torch.tensor([[12, 12, 12], [120, 120, 120], [25, 40, 120],
-                                [25, 90, 35], [110, 70, 30]], dtype=torch.float32)
-_CHUNK = 1000      # random parameters are drawn per chunk of 1000 images (see _chunk_rng)
-_SUBROWS = 8       # anti-aliasing: scanlines per pixel row (see _shape_coverage)
-
-
-def _allowed_backgrounds() -> list[list[int]]:
-    # a background never shares its name with the shape colour ("a blue square on a blue
-    # background" would be both invisible and a confusing caption)
-    return [[b for b, bn in enumerate(BACKGROUND_NAMES) if bn != cn] for cn in COLOR_NAMES]
-
-
-def _chunk_rng(seed: int, tag: int, chunk: int) -> np.random.Generator:
-    # Each chunk of _CHUNK images has its own stream, and a chunk's parameters are always
-    # drawn for the full chunk: the first k images of a dataset are the same whatever its
-    # total size, so load_dataset(..., n=k) can generate only k images.
-    return np.random.default_rng(np.random.SeedSequence([tag, seed, chunk]))
-
-
-def _shape_coverage(shape, cx, cy, r, res: int = 32) -> torch.Tensor:
-    """Fraction of each pixel covered by each shape, (m, res, res) in [0, 1].
-
-    shape: (m,) ints (0 circle, 1 square, 2 triangle); cx, cy: centres in pixels (pixel i
-    spans [i, i + 1)); r: radius of the circle of equal area. Anti-aliasing by scanlines:
-    every shape is convex, so each of _SUBROWS horizontal lines per pixel row crosses it in one
-    interval [cx - w, cx + w], whose overlap with each pixel column is exact; averaging the
-    lines gives the covered area (exact horizontally, 1/_SUBROWS steps vertically).
-    """
-    s = _SUBROWS
-    y = (torch.arange(res * s, dtype=torch.float32) + 0.5) / s       # sub-row centres
-    dy = y.view(1, -1) - cy.view(-1, 1)                                # (m, res*s)
-    r, shape = r.view(-1, 1), shape.view(-1, 1)
-    # half-width w(dy) of the shape along the line; negative means the line misses it
-    circle = torch.sqrt((r * r - dy * dy).clamp(min=0)) - (dy.abs() >= r).float()
-    h = r * (math.sqrt(math.pi) / 2)                                   # square: equal area
-    square = torch.where(dy.abs() <= h, h, -1.0)
-    R = r * math.sqrt(4 * math.pi / (3 * math.sqrt(3)))                # triangle circumradius
-    # upright equilateral triangle, centroid at (cx, cy): apex at dy = -R, base at dy = R/2
-    triangle = torch.where((dy >= -R) & (dy <= R / 2), (R + dy) / math.sqrt(3), -1.0)
-    w = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
-    x0 = (cx.view(-1, 1) - w).unsqueeze(-1)                            # (m, res*s, 1)
-    x1 = (cx.view(-1, 1) + w).unsqueeze(-1)
-    col = torch.arange(res, dtype=torch.float32)                       # pixel column j spans [j, j+1)
-    overlap = (torch.minimum(x1, col + 1) - torch.maximum(x0, col)).clamp(0, 1)
-    return overlap.view(-1, res, s, res).mean(2)
-
-
-def _shape_extent(shape: torch.Tensor, r: torch.Tensor):
-    """Half-extents (left, right, up, down) of each shape around its centre, in pixels."""
-    h = r * (math.sqrt(math.pi) / 2)
-    R = r * math.sqrt(4 * math.pi / (3 * math.sqrt(3)))
-    x = torch.where(shape == 0, r, torch.where(shape == 1, h, R * math.sqrt(3) / 2))
-    up = torch.where(shape == 0, r, torch.where(shape == 1, h, R))
-    down = torch.where(shape == 0, r, torch.where(shape == 1, h, R / 2))
-    return x, x, up, down
-
-
-def _shapes_chunk(seed: int, chunk: int, k: int, res: int = 32):
-    rng = _chunk_rng(seed, 1, chunk)
-    m = _CHUNK
-    shape = torch.from_numpy(rng.integers(0, 3, m))
-    color = torch.from_numpy(rng.integers(0, 6, m))
-    size = torch.from_numpy(rng.integers(0, 2, m))
-    allowed = _allowed_backgrounds()
-    u_bg = rng.random(m)
-    background = torch.tensor([allowed[c][int(u * len(allowed[c]))] for c, u in zip(color.tolist(), u_bg)])
-    # "size" radius of the equal-area circle: small 3.5-5 px, large 7-9.5 px
-    r = torch.from_numpy(np.where(size.numpy() == 0, rng.uniform(3.5, 5.0, m), rng.uniform(7.0, 9.5, m))).float()
-    ux, uy = torch.from_numpy(rng.random(m)).float(), torch.from_numpy(rng.random(m)).float()
-    jit_fg = torch.from_numpy(rng.uniform(-15, 15, (m, 3))).float()
-    jit_bg = torch.from_numpy(rng.uniform(-12, 12, (m, 3))).float()
-    shape, color, size, background, r = shape[:k], color[:k], size[:k], background[:k], r[:k]
-    # centre uniform over the positions that keep the whole shape 1 px inside the image
-    left, right, up, down = _shape_extent(shape, r)
-    cx = (left + 1) + ux[:k] * (res - 2 - left - right)
-    cy = (up + 1) + uy[:k] * (res - 2 - up - down)
-
-    alpha = _shape_coverage(shape, cx, cy, r, res)
-    fg = (_COLOR_RGB[color] + jit_fg[:k]).clamp(0, 255)
-    bg = (_BACKGROUND_RGB[background] + jit_bg[:k]).clamp(0, 255)
-    img = bg[:, :, None, None] + alpha[:, None] * (fg - bg)[:, :, None, None]
-    images = torch.round(img).to(torch.uint8)
-    return images, {"shape": shape, "color": color, "size": size, "background": background}
-
-
-def shapes_caption(shape: int, color: int, size: int, background: int) -> str:
-    return (f"a {SIZE_NAMES[size]} {COLOR_NAMES[color]} {SHAPE_NAMES[shape]} "
-            f"on a {BACKGROUND_NAMES[background]} background")
-
-
-def _shapes_dataset(images, attributes) -> ImageDataset:
-    a = attributes
-    captions = [shapes_caption(*t) for t in zip(a["shape"].tolist(), a["color"].tolist(),
-                                                a["size"].tolist(), a["background"].tolist())]
-    return ImageDataset(
-        "shapes", images, a["shape"] * len(COLOR_NAMES) + a["color"],
-        classes=[f"{c} {s}" for s in SHAPE_NAMES for c in COLOR_NAMES],  # label = shape*6 + colour
-        captions=captions, attributes=a,
-        attribute_names={"shape": list(SHAPE_NAMES), "color": list(COLOR_NAMES),
-                         "size": list(SIZE_NAMES), "background": list(BACKGROUND_NAMES)})
-
-
-def make_shapes(n: int, seed: int = 0) -> ImageDataset:
-    """Generate ``n`` shapes images (3x32x32) from ``seed``; no cache (load_dataset caches).
-
-    Deterministic, and prefix-stable: ``make_shapes(k, s)`` is the first k of ``make_shapes(n, s)``.
-    """
-    _check_positive(n, "n")
-    parts = [_shapes_chunk(seed, c, min(_CHUNK, n - c * _CHUNK)) for c in range(math.ceil(n / _CHUNK))]
-    images = torch.cat([p[0] for p in parts])
-    attributes = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
-    return _shapes_dataset(images, attributes)
-
-
-# ----------------------------------------------------------------------------- digits
-
-DIGITS_VERSION = 1
-# Fonts shipped in matplotlib's mpl-data/fonts/ttf that draw proper 0-9 (checked by eye and
-# by _digit_templates: non-empty, ten different glyphs). Left out: DejaVu Sans Mono (dotted
-# zero), cmmi10 (old-style figures), cmex/cmsy and the STIX non-Unicode/size fonts (no
-# digits), the *Display fonts (almost empty) and LastResort (boxes).
-DIGIT_FONTS = [
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-    "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10.ttf",
-]
-_TEMPLATE = 56    # templates and warping at 2x the output resolution, then 2x2 average pooling
-_BOX = 38         # MNIST fits digits into a 20x20 box keeping the aspect ratio; 19 (38 at 2x)
-                  # leaves room for the thicker strokes and the random warp below
-
-
-@functools.lru_cache(maxsize=1)
-def _digit_templates() -> tuple[torch.Tensor, torch.Tensor]:
-    """(fonts, 10, 4, 56, 56) float glyph masks in [0, 1] at four stroke thicknesses
-    (eroded, as drawn, dilated 3x3, dilated 5x5; each step changes the stroke width by about
-    2 template pixels), each centred by its centre of mass; and each font's stroke width."""
-    import matplotlib
-    from PIL import Image, ImageDraw, ImageFont
-
-    font_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    glyphs = []
-    for fname in DIGIT_FONTS:
-        font = ImageFont.truetype(str(font_dir / fname), 160)
-        row = []
-        for d in range(10):
-            im = Image.new("L", (320, 320))
-            ImageDraw.Draw(im).text((60, 20), str(d), fill=255, font=font)
-            bbox = im.getbbox()
-            if bbox is None:
-                raise RuntimeError(f"font {fname} draws no glyph for digit {d}")
-            im = im.crop(bbox)
-            scale = _BOX / max(im.size)
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                           Image.Resampling.BOX)  # area average: a clean anti-aliased downscale
-            g = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255)
-            # paste so that the centre of mass lands on the canvas centre, as MNIST does
-            ys = torch.arange(g.shape[0]) + 0.5
-            xs = torch.arange(g.shape[1]) + 0.5
-            cy = float((g.sum(1) * ys).sum() / g.sum())
-            cx = float((g.sum(0) * xs).sum() / g.sum())
-            oy, ox = round(_TEMPLATE / 2 - cy), round(_TEMPLATE / 2 - cx)
-            canvas = torch.zeros(_TEMPLATE, _TEMPLATE)
-            canvas[oy:oy + g.shape[0], ox:ox + g.shape[1]] = g
-            row.append(canvas)
-        row = torch.stack(row)
-        flat = row.flatten(1)
-        if torch.cdist(flat, flat).add(torch.eye(10) * 1e9).min() < 1.0:
-            raise RuntimeError(f"font {fname} draws two digits the same (missing glyphs?)")
-        glyphs.append(row)
-    t = torch.stack(glyphs).unsqueeze(2).flatten(0, 1)                  # (F*10, 1, 56, 56)
-    eroded = -F.max_pool2d(-t, 3, 1, 1)
-    dil3 = F.max_pool2d(t, 3, 1, 1)
-    dil5 = F.max_pool2d(t, 5, 1, 2)
-    levels = torch.cat([eroded, t, dil3, dil5], 1)                       # (F*10, 4, 56, 56)
-    # mean stroke width of each font (2 * area / perimeter of the inked region, in template
-    # pixels), so that a sample can ask for a stroke width rather than a font-relative level
-    ink = (t > 0.5).float()
-    perimeter = (ink + F.max_pool2d(-ink, 3, 1, 1)).sum((1, 2, 3))      # ink minus its erosion
-    width = (2 * ink.sum((1, 2, 3)) / perimeter).view(len(DIGIT_FONTS), 10).mean(1)
-    return levels.view(len(DIGIT_FONTS), 10, 4, _TEMPLATE, _TEMPLATE), width
-
-
-@functools.lru_cache(maxsize=None)
-def _bicubic_upsample_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """(n_out, n_in) matrix of 1-D bicubic interpolation with align_corners=True."""
-    eye = torch.eye(n_in).view(n_in, 1, 1, n_in)
-    return F.interpolate(eye, size=(1, n_out), mode="bicubic", align_corners=True).view(n_in, n_out).T
-
-
-def _digits_chunk(seed: int, chunk: int, k: int):
-    templates, font_width = _digit_templates()
-    rng = _chunk_rng(seed, 2, chunk)
-    m = _CHUNK
-    label = rng.integers(0, 10, m)
-    font = rng.integers(0, len(DIGIT_FONTS), m)
-    stroke = rng.uniform(4.0, 7.0, m)              # stroke width at 56 px, i.e. 2-3.5 px at 28
-    rot = np.deg2rad(rng.uniform(-12, 12, m))
-    shear = rng.uniform(-0.3, 0.3, m)
-    scale = rng.uniform(0.8, 1.0, m)
-    aspect = np.exp(rng.uniform(-0.1, 0.1, m))
-    shift = rng.uniform(-0.08, 0.08, (m, 2))       # normalised units: +-0.08 is about +-1.1 px
-    elastic = rng.standard_normal((m, 2, 5, 5)) * rng.uniform(0.0, 0.05, (m, 1, 1, 1))
-    sl = slice(0, k)
-    label, font = torch.from_numpy(label[sl]), torch.from_numpy(font[sl])
-
-    # stroke width: MNIST strokes are all about equally thick whatever the "font", so thin
-    # fonts are dilated and bold ones eroded towards the drawn width; a fractional level is a
-    # linear blend of the two nearest precomputed levels
-    thick = (1 + (torch.from_numpy(stroke[sl]).float() - font_width[font]) / 2).clamp(0, 3)
-    lo = thick.floor().long().clamp(max=2)
-    w = (thick - lo).float().view(-1, 1, 1)
-    x = ((1 - w) * templates[font, label, lo] + w * templates[font, label, lo + 1]).unsqueeze(1)
-
-    # forward map of the digit: out = A @ in + t with A = rotation @ shear @ scale;
-    # grid_sample needs, for every output pixel, where to read: in = A^-1 (out - t)
-    c, s = np.cos(rot[sl]), np.sin(rot[sl])
-    A = np.empty((k, 2, 2))
-    A[:, 0, 0] = c * scale[sl] * aspect[sl]
-    A[:, 0, 1] = (c * shear[sl] - s) * scale[sl] / aspect[sl]
-    A[:, 1, 0] = s * scale[sl] * aspect[sl]
-    A[:, 1, 1] = (s * shear[sl] + c) * scale[sl] / aspect[sl]
-    Ainv = torch.from_numpy(np.linalg.inv(A)).float()
-    b = -(Ainv @ torch.from_numpy(shift[sl, :, None]).float()).squeeze(-1)          # (k, 2)
-    # the same grid F.affine_grid(align_corners=False) builds, written out (it is faster)
-    p = (2 * torch.arange(_TEMPLATE, dtype=torch.float32) + 1) / _TEMPLATE - 1   # pixel centres
-    px, py = p.view(1, 1, -1), p.view(1, -1, 1)
-    a = Ainv.view(k, 2, 2, 1, 1)
-    grid = torch.stack([a[:, 0, 0] * px + a[:, 0, 1] * py + b[:, 0, None, None],
-                        a[:, 1, 0] * px + a[:, 1, 1] * py + b[:, 1, None, None]], -1)
-    # smooth elastic distortion: a coarse 5x5 random displacement field, upsampled
-    # bicubically (separable, so as U @ field @ U^T)
-    U = _bicubic_upsample_matrix(5, _TEMPLATE)
-    disp = U @ torch.from_numpy(elastic[sl]).float() @ U.T                        # (k, 2, 56, 56)
-    grid = grid + disp.permute(0, 2, 3, 1)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = F.avg_pool2d(x, 2)                                              # (k, 1, 28, 28)
-    return torch.round(x.clamp(0, 1) * 255).to(torch.uint8), label
-
-
-def make_digits(n: int, seed: int = 0) -> ImageDataset:
-    """Generate ``n`` MNIST-like digit images (1x28x28, white on black) from ``seed``; no cache.
-
-    Deterministic, and prefix-stable like :func:`make_shapes`.
-    """
-    _check_positive(n, "n")
-    parts = [_digits_chunk(seed, c, min(_CHUNK, n - c * _CHUNK)) for c in range(math.ceil(n / _CHUNK))]
-    images = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
-    return ImageDataset("digits", images, labels, classes=[str(d) for d in range(10)])
-
-
-# name -> generator, version, {split: (size, seed)}
-_BUILTIN = {
-    "shapes": (make_shapes, SHAPES_VERSION, {"train": (50_000, 0), "test": (10_000, 1)}),
-    "digits": (make_digits, DIGITS_VERSION, {"train": (60_000, 0), "test": (10_000, 1)}),
-}
-
-
 # A cache file is trusted only if its first images are the ones the generator draws now: the
 # version in the file name catches a deliberate change, this catches everything else (a cache
 # written before an unversioned change, or digits drawn with another Pillow/font, which render
@@ -510,7 +217,9 @@ def _cache_matches_generator(images: torch.Tensor, make, seed: int) -> bool:
 
 
 def _load_builtin(name: str, split: str, n: int | None, root) -> ImageDataset:
-    make, version, splits = _BUILTIN[name]
+    from minigen import builtin_data
+
+    make, version, splits = builtin_data.BUILTIN[name]
     total, seed = splits[split]
     if n is not None:
         _check_n(n, total, name)
@@ -531,225 +240,13 @@ def _load_builtin(name: str, split: str, n: int | None, root) -> ImageDataset:
                               "the generator, or with another Pillow/matplotlib for digits); regenerating it")
                 d = None
         if d is not None:
-            ds = (_shapes_dataset(d["images"], d["attributes"]) if name == "shapes" else
-                  ImageDataset(name, d["images"], d["labels"], [str(i) for i in range(10)]))
+            ds = builtin_data.from_arrays(name, d["images"], d["labels"], d["attributes"])
             return ds if n is None else ds.head(n)
     if n is not None and n < total:
         return make(n, seed)  # prefix-stable, so this equals the cached split's first n
     ds = make(total, seed)
-    _atomic_save({"images": ds.images, "labels": ds.labels, "attributes": ds.attributes}, path)
+    atomic_save({"images": ds.images, "labels": ds.labels, "attributes": ds.attributes}, path)
     return ds
-
-
-# ----------------------------------------------------------------------------- real datasets
-
-
-class DownloadError(RuntimeError):
-    """A real dataset could not be downloaded or failed its checksum."""
-
-
-MNIST_CLASSES = [str(d) for d in range(10)]
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
-
-# Official file names and their published MD5s (the same values torchvision checks).
-_REAL = {
-    "mnist": {
-        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
-        "files": {
-            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-        },
-    },
-    "fashion-mnist": {
-        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-        "files": {
-            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-        },
-    },
-    "cifar10": {
-        "mirrors": ["https://www.cs.toronto.edu/~kriz/"],
-        "files": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
-        "members": {  # inside the archive, under cifar-10-batches-py/
-            "data_batch_1": "c99cafc152244af753f735de768cd75f",
-            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-            "data_batch_4": "634d18415352ddfa80567beed471001a",
-            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-            "test_batch": "40351d587109b95175f43aff81a1287e",
-        },
-    },
-}
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Stream ``url`` into ``dest``. Raises OSError (URLError, timeouts) when offline."""
-    with urllib.request.urlopen(url, timeout=timeout) as r, open(dest, "wb") as f:
-        while block := r.read(1 << 20):
-            f.write(block)
-
-
-def _by_hand(name: str, folder: Path) -> str:
-    spec = _REAL[name]
-    files = ", ".join(spec["files"])
-    url = spec["mirrors"][0] + next(iter(spec["files"]))
-    return (f"To use {name} offline, download {files} on a connected machine (e.g. from {url}) "
-            f"and place the file(s) in {folder}/ under exactly those names"
-            + (" (the extracted cifar-10-batches-py/ folder works too)" if name == "cifar10" else "")
-            + ". Or use a built-in "
-            "dataset that needs no download: load_dataset('shapes') or load_dataset('digits').")
-
-
-def _ensure_file(name: str, folder: Path, filename: str, download: bool) -> Path:
-    """Return the verified path of one official file, downloading it if needed."""
-    spec = _REAL[name]
-    md5 = spec["files"][filename]
-    path = folder / filename
-    problem = None
-    if path.exists():
-        got = _md5(path)
-        if got == md5:
-            return path
-        problem = (f"{path} has MD5 {got} but the published checksum is {md5} "
-                   "(a truncated download or a different file); it is not used")
-        if not download:
-            raise DownloadError(f"{problem}. Delete it. " + _by_hand(name, folder))
-        warnings.warn(problem + "; downloading it again")
-    elif not download:
-        raise DownloadError(f"{name}: {path} not found and download=False. " + _by_hand(name, folder))
-
-    folder.mkdir(parents=True, exist_ok=True)
-    errors = [problem] if problem else []
-    network_only = True
-    for mirror in spec["mirrors"]:
-        url = mirror + filename
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=filename + ".", suffix=".part")
-        os.close(fd)
-        tmp = Path(tmp)
-        try:
-            print(f"downloading {url} -> {path}")
-            _download(url, tmp)
-            got = _md5(tmp)
-            if got != md5:  # never keep a file that fails its checksum
-                network_only = False
-                errors.append(f"{url}: checksum mismatch, MD5 {got} but expected {md5} (file deleted)")
-                continue
-            os.replace(tmp, path)
-            return path
-        except OSError as e:  # URLError, HTTPError, socket timeouts, DNS failures are all OSError
-            errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
-        finally:
-            tmp.unlink(missing_ok=True)
-    what = "Could not download" if network_only else "Downloaded a file that failed its checksum for"
-    hint = " (no network?)" if network_only else ""
-    raise DownloadError(f"{what} {name} file {filename}{hint}:\n  " + "\n  ".join(errors) + "\n"
-                        + _by_hand(name, folder))
-
-
-def read_idx(path) -> np.ndarray:
-    """Parse an IDX file (the MNIST format), gzipped or not, into a numpy array.
-
-    Layout: two zero bytes, a type code, the number of dimensions, one big-endian uint32 per
-    dimension, then the values in big-endian C order.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    types = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in types:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(types[raw[2]])
-    expected = header + int(np.prod(dims)) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(f"{path}: IDX header says {dims} of {dtype} ({expected} bytes), file has {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    # The CIFAR batches are pickles; unpickling may call any global, so allow only what a
-    # dict of numpy arrays and lists needs.
-    def find_class(self, module, name):
-        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            return np.ndarray.__reduce__(np.zeros(0))[0]   # numpy's own _reconstruct, either version
-        if module == "numpy" and name in ("ndarray", "dtype"):
-            return getattr(np, name)
-        if module == "_codecs" and name == "encode":
-            import codecs
-            return codecs.encode
-        raise pickle.UnpicklingError(f"CIFAR batch refers to {module}.{name}, which is not allowed")
-
-
-def read_cifar_batch(path):
-    """Parse one CIFAR-10 python batch: (uint8 images (N, 3, 32, 32), int64 labels (N,))."""
-    with open(path, "rb") as f:
-        d = _CifarUnpickler(f, encoding="bytes").load()
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} is not a CIFAR batch (expected a dict, got {type(d).__name__})")
-    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
-    if "data" not in d or "labels" not in d:
-        raise ValueError(f"{path} is not a CIFAR-10 batch (keys {sorted(d)})")
-    data = np.asarray(d["data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(d["labels"]) != len(data):
-        raise ValueError(f"{path}: unexpected CIFAR batch layout {data.shape}, {len(d['labels'])} labels")
-    # rows are 1024 red, then 1024 green, then 1024 blue values, each row-major: already CHW
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(d["labels"], dtype=torch.long)
-
-
-def _load_mnist_like(name: str, split: str, root, download: bool) -> ImageDataset:
-    folder = cache_dir(root) / name
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(_ensure_file(name, folder, f"{prefix}-images-idx3-ubyte.gz", download))
-    labels = read_idx(_ensure_file(name, folder, f"{prefix}-labels-idx1-ubyte.gz", download))
-    if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise ValueError(f"{name}: unexpected IDX shapes {images.shape} and {labels.shape}")
-    classes = MNIST_CLASSES if name == "mnist" else FASHION_CLASSES
-    return ImageDataset(name, torch.from_numpy(images.astype(np.uint8)[:, None].copy()),
-                        torch.from_numpy(labels.astype(np.int64)), classes)
-
-
-def _load_cifar10(split: str, root, download: bool) -> ImageDataset:
-    spec = _REAL["cifar10"]
-    folder = cache_dir(root) / "cifar10"
-    batch_dir = folder / "cifar-10-batches-py"
-    wanted = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    # the extracted batches (ours, or placed by hand) are used when their checksums are right
-    if not all((batch_dir / b).exists() and _md5(batch_dir / b) == spec["members"][b] for b in wanted):
-        archive = _ensure_file("cifar10", folder, "cifar-10-python.tar.gz", download)
-        batch_dir.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive, "r:gz") as tar:
-            for b, md5 in spec["members"].items():
-                # read known members only (never tar.extractall: no path tricks possible)
-                member = tar.extractfile(f"cifar-10-batches-py/{b}")
-                fd, tmp = tempfile.mkstemp(dir=batch_dir, prefix=b + ".", suffix=".tmp")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(member.read())
-                if _md5(Path(tmp)) != md5:
-                    Path(tmp).unlink()
-                    raise DownloadError(f"{archive}: member {b} fails its checksum; delete the archive and retry")
-                os.replace(tmp, batch_dir / b)
-    parts = [read_cifar_batch(batch_dir / b) for b in wanted]
-    return ImageDataset("cifar10", torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                        CIFAR10_CLASSES)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -910,13 +407,19 @@ def load_dataset(name, split: str = "train", *, size: int | None = None, n: int 
 
     key = str(name).lower() if isinstance(name, str) else None
     key = _ALIASES.get(key, key)
-    if key in _BUILTIN:
+    from minigen.builtin_data import BUILTIN
+
+    if key in BUILTIN:
         ds = _load_builtin(key, split, n, root)
         n = None
     elif key in ("mnist", "fashion-mnist"):
-        ds = _load_mnist_like(key, split, root, download)
+        from minigen.downloads import load_mnist_like
+
+        ds = load_mnist_like(key, split, root, download)
     elif key == "cifar10":
-        ds = _load_cifar10(split, root, download)
+        from minigen.downloads import load_cifar10
+
+        ds = load_cifar10(split, root, download)
     else:
         path = Path(name).expanduser()
         if path.is_dir():
@@ -936,3 +439,20 @@ def load_dataset(name, split: str = "train", *, size: int | None = None, n: int 
     if images is not ds.images:
         ds = ImageDataset(ds.name, images, ds.labels, ds.classes, ds.captions, ds.attributes, ds.attribute_names)
     return ds
+
+
+# Names that moved to builtin_data / downloads stay importable from here, where the lessons and
+# the README import them (resolved on first use: those modules import this one).
+_MOVED = {**dict.fromkeys(["SHAPES_VERSION", "SHAPE_NAMES", "COLOR_NAMES", "SIZE_NAMES", "BACKGROUND_NAMES",
+                           "shapes_caption", "shapes_label", "make_shapes", "DIGITS_VERSION", "DIGIT_FONTS",
+                           "make_digits"], "minigen.builtin_data"),
+          **dict.fromkeys(["DownloadError", "MNIST_CLASSES", "FASHION_CLASSES", "CIFAR10_CLASSES",
+                           "read_idx", "read_cifar_batch"], "minigen.downloads")}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

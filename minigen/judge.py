@@ -21,7 +21,6 @@ Inputs are images in [-1, 1] at the dataset's native size: 3x32x32 (shapes) or
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from minigen import metrics
+from minigen.checkpoint import file_sha256
 
 Tensor = torch.Tensor
 
@@ -144,10 +144,6 @@ class Judge(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def judge_info() -> dict:
     """Contents of minigen/weights/judges.json: accuracy, baselines, provenance per judge."""
     path = WEIGHTS_DIR / "judges.json"
@@ -193,7 +189,7 @@ def load_judge(name: str, *, path=None, device="cpu", verify: bool = True) -> Ju
     if shipped and verify:
         info = judge_info().get(name, {})
         expected = info.get("sha256")
-        if expected is not None and _sha256(path) != expected:
+        if expected is not None and file_sha256(path) != expected:
             raise ValueError(
                 f"{path} does not match the sha256 recorded in judges.json: the file is corrupt or "
                 "from another training run; reinstall minigen or re-run scripts/train_judges.py"

@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import importlib
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,7 +55,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from minigen import checkpoint
+from minigen.checkpoint import weights_hash  # public here too, as before checkpoint.py
 from minigen.diffusion import DiffusionConfig, GaussianDiffusion, guided_model_fn, sample_loop, training_losses
+from minigen.evaluate import caption_accuracy  # public here too, as before evaluate.py
 from minigen.text import TextEncoder, TextEncoderConfig, Tokenizer
 from minigen.unet import UNetConfig
 
@@ -154,22 +156,6 @@ class LatentDiffusionConfig:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _import(qualname: str):
-    module_name, _, name = qualname.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"cannot import the autoencoder class {qualname!r}") from None
-
-
-def _config_class(cls):
-    """The dataclass `cls` is built from: `<Class>Config` in its module (VQGAN -> VQGANConfig)."""
-    cfg = getattr(importlib.import_module(cls.__module__), cls.__name__ + "Config", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg):
-        raise ValueError(f"cannot rebuild {cls.__qualname__}: no dataclass {cls.__name__}Config in {cls.__module__}")
-    return cfg
-
-
 def _is_vq(ae) -> bool:
     """A VQ-VAE / VQGAN: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder."""
     return all(isinstance(getattr(ae, a, None), nn.Module)
@@ -191,69 +177,18 @@ def _frozen_copy(ae: nn.Module) -> nn.Module:
     return ae.eval()
 
 
-def weights_hash(module: nn.Module) -> str:
-    """sha256 over a module's state_dict (names, dtypes, shapes, values), as hex."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def load_autoencoder(path) -> nn.Module:
     """The autoencoder in a minigen checkpoint (EMA weights when there are any), in eval mode."""
-    from minigen import train
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / train.CHECKPOINT_NAME
-    ckpt = train.load_checkpoint(path)
-    cls = _import(ckpt.get("model_class") or "?")
+    path = checkpoint.resolve(path)
+    ckpt = checkpoint.load_checkpoint(path)
+    cls = checkpoint.import_class(ckpt.get("model_class") or "?")
     if cls is LatentDiffusion:
         raise ValueError(f"{path} is a latent diffusion checkpoint, not an autoencoder: give the checkpoint "
                          f"of a vqgan (or autoencoder) run")
     if not (hasattr(cls, "encode") and hasattr(cls, "decode")):
         raise ValueError(f"{path} holds a {cls.__qualname__}, which has no encode/decode: latent diffusion "
                          f"needs an autoencoder (train one with `minigen train vqgan`)")
-    if ckpt.get("model_config") is None:
-        raise ValueError(f"{path} has no model config, so its {cls.__qualname__} cannot be rebuilt")
-    model = cls(config=_config_class(cls)(**ckpt["model_config"]))
-    state = dict(ckpt["model"])
-    if ckpt.get("ema"):  # the averaged weights, the model's buffers
-        state.update(ckpt["ema"]["shadow"])
-        state.update({k: v for k, v in (ckpt["ema"].get("buffers") or {}).items() if k in state})
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _shapes_label(caption: str) -> int:
-    """shape * 6 + colour of a shapes caption ("a small red circle on a blue background")."""
-    from minigen.data import COLOR_NAMES, SHAPE_NAMES
-
-    words = Tokenizer.split(caption)
-    # the colour is the first colour word: the background ("on a blue background") comes after
-    shapes = [SHAPE_NAMES.index(w) for w in words if w in SHAPE_NAMES]
-    colors = [COLOR_NAMES.index(w) for w in words if w in COLOR_NAMES]
-    if not shapes or not colors:
-        raise ValueError(f"cannot read a shape and a colour from the caption {caption!r}: expected words such as "
-                         f"{SHAPE_NAMES} and {COLOR_NAMES}")
-    return shapes[0] * len(COLOR_NAMES) + colors[0]
-
-
-def caption_accuracy(judge, images: torch.Tensor, captions: list[str]) -> float:
-    """Fraction of images whose judged class (shape AND colour) matches their caption's.
-
-    judge: minigen.judge.load_judge("shapes"); images (N, 3, 32, 32) in [-1, 1]; one caption
-    per image. Size and background are not judged (the judge has no head for them).
-    """
-    from minigen.metrics import conditional_accuracy
-
-    captions = [captions] if isinstance(captions, str) else list(captions)
-    if len(captions) != len(images):
-        raise ValueError(f"need one caption per image: {len(images)} images, {len(captions)} captions")
-    labels = torch.tensor([_shapes_label(c) for c in captions], dtype=torch.long)
-    return conditional_accuracy(judge, images, labels)
+    return checkpoint.rebuild(ckpt, path).eval()
 
 
 # ----------------------------------------------------------------------------- the model
@@ -284,8 +219,8 @@ class LatentDiffusion(nn.Module):
             if config.autoencoder_config is None:
                 raise ValueError("LatentDiffusion needs an autoencoder: pass a trained one (e.g. a VQGAN), or a "
                                  "config with autoencoder_class and autoencoder_config to rebuild it from")
-            cls = _import(config.autoencoder_class)
-            autoencoder = cls(config=_config_class(cls)(**config.autoencoder_config))
+            cls = checkpoint.import_class(config.autoencoder_class)
+            autoencoder = cls(config=checkpoint.config_class(cls)(**config.autoencoder_config))
         else:
             cls = type(autoencoder)
             config.autoencoder_class = f"{cls.__module__}.{cls.__qualname__}"
@@ -486,9 +421,7 @@ class LatentDiffusion(nn.Module):
             x, _ = ds.tensors(n)
             raw = self._encode_batches(x, batch_size)
             if path is not None:
-                from minigen.train import save_checkpoint  # atomic: tmp file + os.replace
-
-                save_checkpoint(path, {"format": _LATENTS_FORMAT, "key": key, "latents": raw})
+                checkpoint.atomic_save({"format": _LATENTS_FORMAT, "key": key, "latents": raw}, path)
         if self.scale_factor is None:
             self.scale_factor = self._scale_from(raw)
         tokens = self.tokenizer.encode(list(captions[:n]))

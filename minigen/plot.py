@@ -70,14 +70,15 @@ def image_grid(x, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> np
     return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def save_grid(x, path, nrow: int = 8, padding: int = 2, scale: int = 1) -> Path:
+def save_grid(x, path, nrow: int = 8, padding: int = 2, scale: int = 1, pad_value: float = 1.0) -> Path:
     """Save a grid of images in [-1, 1] as a PNG (written atomically). Returns the path.
 
-    `scale` repeats each pixel (nearest neighbour) so 32x32 samples are visible in a report.
+    `scale` repeats each pixel (nearest neighbour) so 32x32 samples are visible in a report;
+    `pad_value` as in `image_grid` (fit's periodic sample grids use 0, black borders).
     """
     from PIL import Image
 
-    grid = image_grid(x, nrow=nrow, padding=padding)
+    grid = image_grid(x, nrow=nrow, padding=padding, pad_value=pad_value)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path = Path(path)

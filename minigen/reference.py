@@ -28,7 +28,9 @@ The files are ordinary minigen checkpoints (`minigen sample minigen/weights/refe
 works) holding only the weights the model samples with: the EMA weights when training kept
 an EMA, else the model's; no optimizer state. Parameters are stored in float16 to keep the
 folder small (the whole folder must stay under 20 MB); loading casts them back to float32.
-Metrics are measured on the model *as loaded from its file*, i.e. after that rounding.
+Metrics are measured on the model *as loaded from its file*, i.e. after that rounding, with
+minigen.evaluate (`sample_metrics`, `reconstruction_metrics`, `caption_accuracy`); files are
+written and read through minigen.checkpoint.
 
 Budgets are CPU budgets: the models are small and trained briefly, so they show each
 family's character, not its best. Compare their figures with each other, not with papers.
@@ -47,7 +49,9 @@ from pathlib import Path
 
 import torch
 
-from minigen.judge import _sha256  # the same file check as the shipped judges
+from minigen import evaluate as evaluation  # (reference.evaluate re-measures shipped files)
+from minigen.checkpoint import file_sha256  # the same file check as the shipped judges
+from minigen.evaluate import sample_metrics, sample_prior, timed  # public here too (lesson 08)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "reference"
 MANIFEST = "manifest.json"
@@ -168,10 +172,10 @@ def load(name: str, device="cpu", *, root=None):
     """
     p = path(name, root)
     entry = manifest(p.parent)["models"][name]
-    if _sha256(p) != entry["sha256"]:
+    if file_sha256(p) != entry["sha256"]:
         raise ReferenceError(f"{p} does not match the sha256 in {p.parent / MANIFEST}: the file is corrupt, "
                              f"truncated or from another run; {_rebuild_hint(name)}")
-    from minigen.cli import load_model
+    from minigen.checkpoint import load_model
 
     model, _ = load_model(p, device)
     return model.float().eval()
@@ -183,16 +187,14 @@ def load(name: str, device="cpu", *, root=None):
 def _save(model, name: str, out: Path, extra: dict) -> tuple[Path, int]:
     """A minigen checkpoint with float16 parameters (buffers keep their dtype: codebook usage
     counts and the like need float32's range), no optimizer state."""
-    from minigen.train import _class_name, save_checkpoint
+    from minigen.checkpoint import model_header, save_checkpoint
 
     params = {n for n, _ in model.named_parameters()}
     state = {k: (v.detach().cpu().half() if k in params and v.is_floating_point() else v.detach().cpu())
              for k, v in model.state_dict().items()}
     p = out / f"{name}.pt"
     save_checkpoint(p, {
-        "minigen_version": _versions()["minigen"],
-        "model_class": _class_name(model),
-        "model_config": dataclasses.asdict(model.config),
+        **model_header(model),
         "model": state,
         "ema": None,
         "optimizers": {},
@@ -281,7 +283,7 @@ class _Run:
             metrics = metrics_fn(reloaded)
         last = result.history[-1] if result.history else {}
         entry = {
-            "file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size, "params": n_params,
+            "file": p.name, "sha256": file_sha256(p), "bytes": p.stat().st_size, "params": n_params,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "command": f"{COMMAND} --only {name}" + (" --quick" if self.quick else ""),
             "depends_on": DEPENDS.get(name),
@@ -319,7 +321,7 @@ def _jsonable(obj):
 
 
 def _load_unchecked(p: Path):
-    from minigen.cli import load_model
+    from minigen.checkpoint import load_model
 
     return load_model(p, "cpu")[0].float().eval()
 
@@ -328,44 +330,10 @@ def _load_unchecked(p: Path):
 
 
 def reconstruction_metrics(model, x: torch.Tensor) -> dict:
-    """PSNR and SSIM of model.reconstruct(x) against x, and the FD-shapes of the
-    reconstructions against x itself (rFD: how far the decoded set is from the real one)."""
-    from minigen import judge, metrics
-
-    x_hat = torch.cat([model.reconstruct(xb) for xb in x.split(250)]).clamp(-1, 1)
-    return {"recon_psnr_db": float(metrics.psnr(x_hat, x).mean()),
-            "recon_ssim": float(metrics.ssim(x_hat, x).mean()),
-            "recon_fd_shapes": judge.fd_score(DATASET, x_hat, x)}
-
-
-def sample_metrics(images: torch.Tensor, labels: torch.Tensor | None, x_real: torch.Tensor,
-                   seconds_per_image: float | None = None) -> dict:
-    """FD-shapes against the test images, improved precision/recall (k=3) in the judge's
-    feature space, the judge's accuracy on the requested classes (when labels are given),
-    and the real-vs-real FD at the same n (FD is biased upwards at small n)."""
-    from minigen import data, judge, metrics
-
-    n = len(images)
-    j = judge.load_judge(DATASET)
-    f_fake = judge.extract_features(j, images)
-    f_real = judge.extract_features(j, x_real[:n])
-    precision, recall = metrics.precision_recall(f_real, f_fake, k=3)
-    real_train, _ = data.load_dataset(DATASET, split="train", n=n).tensors()
-    out = {"n_samples": n,
-           "fd_shapes": metrics.frechet_distance(f_fake, f_real),
-           "fd_real_vs_real": judge.fd_score(DATASET, real_train, x_real[:n]),
-           "precision": precision, "recall": recall}
-    if labels is not None:
-        out["class_accuracy"] = metrics.conditional_accuracy(j, images, labels)
-    if seconds_per_image is not None:
-        out["sample_seconds_per_image"] = seconds_per_image
-    return out
-
-
-def _timed(fn):
-    t0 = time.perf_counter()
-    x = fn()
-    return x.clamp(-1, 1).float().cpu(), time.perf_counter() - t0
+    """`minigen.evaluate.reconstruction_metrics` under the manifest's keys: PSNR, SSIM and the
+    FD-shapes of the reconstructions against x itself (rFD)."""
+    m, _ = evaluation.reconstruction_metrics(model, x, dataset=DATASET)
+    return {"recon_psnr_db": m["psnr_db"], "recon_ssim": m["ssim"], "recon_fd_shapes": m["fd"]}
 
 
 def _class_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -378,7 +346,7 @@ def _class_labels(n: int, num_classes: int) -> torch.Tensor:
 def measure_vae(run: _Run, m) -> dict:
     g = torch.Generator().manual_seed(SEED)
     z = torch.randn(run.n_eval, m.config.latent_dim, generator=g)
-    x, secs = _timed(lambda: m.sample(run.n_eval, z=z))
+    x, secs = timed(lambda: m.sample(run.n_eval, z=z))
     ev = m.evaluate(run.x_test)
     return {**reconstruction_metrics(m, run.x_test), "test_elbo_nats": ev["elbo"],
             "test_bits_per_dim": ev["bits_per_dim"],
@@ -424,23 +392,11 @@ def train_vqgan(run: _Run) -> dict:
     return _train_vq(run, "vqgan", vqgan)
 
 
-def sample_prior(prior, autoencoder, labels: torch.Tensor, *, temperature=1.0, top_k=None,
-                 guidance_scale=None, generator=None, batch_size=250) -> torch.Tensor:
-    """Class-conditional images from a GPT prior over an autoencoder's code maps."""
-    s = autoencoder.config.latent_size
-    out = []
-    for yb in labels.split(batch_size):
-        codes = prior.generate(yb, temperature=temperature, top_k=top_k, guidance_scale=guidance_scale,
-                               generator=generator)
-        out.append(autoencoder.decode_indices(codes[:, -s * s:].reshape(len(yb), s, s)).clamp(-1, 1))
-    return torch.cat(out)
-
-
 def measure_prior(run: _Run, name: str, m, ae=None) -> dict:
     ae = ae if ae is not None else load(DEPENDS[name], root=run.out)
     labels = _class_labels(run.n_eval, run.num_classes)
     g = torch.Generator().manual_seed(SEED)
-    xs, secs = _timed(lambda: sample_prior(m, ae, labels, generator=g, **SPECS[name]["sample"]))
+    xs, secs = timed(lambda: sample_prior(m, ae, labels, generator=g, **SPECS[name]["sample"]))
     return sample_metrics(xs, labels, run.x_test, secs / len(xs))
 
 
@@ -473,7 +429,7 @@ def train_vqgan_prior(run: _Run) -> dict:
 def measure_ddpm(run: _Run, m) -> dict:
     labels = _class_labels(run.n_eval, run.num_classes)
     g = torch.Generator().manual_seed(SEED)
-    xs, secs = _timed(lambda: torch.cat([m.sample(len(yb), y=yb, generator=g) for yb in labels.split(250)]))
+    xs, secs = timed(lambda: torch.cat([m.sample(len(yb), y=yb, generator=g) for yb in labels.split(250)]))
     return sample_metrics(xs, labels, run.x_test, secs / len(xs))
 
 
@@ -493,16 +449,16 @@ def train_ddpm(run: _Run) -> dict:
 
 
 def measure_ldm(run: _Run, m, steps: int) -> dict:
-    from minigen import judge, ldm
+    from minigen import judge
 
     spec = SPECS["ldm"]["sample"]
     prompts = list(run.test.captions)
     g = torch.Generator().manual_seed(SEED)
-    xs, secs = _timed(lambda: torch.cat([
+    xs, secs = timed(lambda: torch.cat([
         m.sample(prompts[i:i + 250], guidance_scale=spec["guidance_scale"], steps=steps, generator=g)
         for i in range(0, len(prompts), 250)]))
     out = sample_metrics(xs, run.y_test, run.x_test, secs / len(xs))
-    out["caption_accuracy"] = ldm.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
+    out["caption_accuracy"] = evaluation.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
     return out
 
 

@@ -21,7 +21,10 @@ is reported as failed and the tour goes on (a later stage that needs its model s
 FD is the Frechet distance in the feature space of minigen's offline judge networks
 (minigen.judge), next to the real-vs-real FD at the same n: FD is biased upwards at small
 n, so only the pair can be read. Precision / recall are Kynkaanniemi et al.'s (k = 3) in
-the same feature space.
+the same feature space. Reconstructions, timing, prior sampling and caption accuracy go
+through minigen.evaluate, as the reference checkpoints' do; the tour's sample figures
+(`_sample_quality`) compare against the judge's test-split statistics and the training
+images, a protocol of its own that its published numbers were measured with.
 
 Budgets: the default tour is sized for under 10 minutes on an idle 2-core CPU. Measured
 on 2026-11-25 (AMD EPYC, 2 vCPUs, torch 2.13, one thread on a loaded machine) it used
@@ -46,7 +49,7 @@ from pathlib import Path
 import torch
 
 import minigen
-from minigen import data, plot, train
+from minigen import data, evaluate, plot, train
 from minigen.course import budget
 
 HONEST_LINE = ("These are minute-scale budgets: every model above trained for one to three minutes on "
@@ -123,24 +126,13 @@ def _fit(model, ds, steps, ctx: Context, **cfg):
 
 def _timed(fn, n: int):
     """(images clamped to [-1, 1] on the CPU, wall seconds per image) of fn(n)."""
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        x = fn(n)
-    return x.clamp(-1, 1).float().cpu(), (time.perf_counter() - t0) / n
-
-
-def _in_batches(fn, n: int, batch: int):
-    return torch.cat([fn(i, min(batch, n - i)) for i in range(0, n, batch)])
+    x, seconds = evaluate.timed(lambda: fn(n))
+    return x, seconds / n
 
 
 def _reconstruction_metrics(model, x) -> tuple[dict, torch.Tensor]:
-    from minigen import metrics
-
-    model.eval()
-    with torch.no_grad():
-        x_hat = _in_batches(lambda i, k: model.reconstruct(x[i:i + k]), len(x), 250).clamp(-1, 1)
-    return {"PSNR (dB)": float(metrics.psnr(x_hat, x).mean()),
-            "SSIM": float(metrics.ssim(x_hat, x).mean())}, x_hat
+    m, x_hat = evaluate.reconstruction_metrics(model, x)
+    return {"PSNR (dB)": m["psnr_db"], "SSIM": m["ssim"]}, x_hat
 
 
 def _codebook_metrics(indices, num_codes) -> dict:
@@ -249,7 +241,7 @@ def _prior_stage(family: str, ae, ds, ctx: Context, *, steps: int, n_embd: int, 
     n_train = min(len(ds), budget(8000, quick=512))
     x_train, y_train = ds.tensors(n_train)
     with torch.no_grad():
-        codes = _in_batches(lambda i, k: ae.encode(x_train[i:i + k])[1], n_train, 500)
+        codes = evaluate.in_batches(lambda i, k: ae.encode(x_train[i:i + k])[1], n_train, 500)
     h, w = codes.shape[1:]
     gpt = GPT(GPTConfig(vocab_size=ae.config.num_codes, block_size=h * w, n_layer=4, n_head=4,
                         n_embd=n_embd, num_classes=len(ds.classes)))
@@ -258,12 +250,7 @@ def _prior_stage(family: str, ae, ds, ctx: Context, *, steps: int, n_embd: int, 
     n = budget(90, quick=36)
     y = torch.arange(n) % len(ds.classes)
     g = torch.Generator().manual_seed(ctx.seed)
-
-    def sample(k):
-        tokens = gpt.generate(y[:k], temperature=1.0, top_k=32, generator=g)
-        return ae.decode_indices(tokens.reshape(k, h, w))
-
-    x, per_image = _timed(sample, n)
+    x, per_image = _timed(lambda k: evaluate.sample_prior(gpt, ae, y[:k], top_k=32, generator=g), n)
     path = ctx.out / f"{tag}_prior_samples.png"
     plot.save_grid(x[:72], path, nrow=18, scale=2)
     return StageResult(family, "shapes", _params(gpt), steps, secs, cpu, per_image,
@@ -358,7 +345,7 @@ def stage_diffusion(ctx: Context) -> list[StageResult]:
     ddim_steps = budget(25, quick=5)
     n = budget(90, quick=36)
     y = torch.arange(n) % len(ds.classes)
-    x, per_image = _timed(lambda k: _in_batches(
+    x, per_image = _timed(lambda k: evaluate.in_batches(
         lambda i, b: model.sample(b, y=y[i:i + b].to(ctx.device), guidance_scale=w, sampler="ddim",
                                   steps=ddim_steps, generator=g), k, 90), n)
     path = ctx.out / "ddim_samples.png"
@@ -397,7 +384,7 @@ def stage_latent_diffusion(ctx: Context) -> StageResult:
     x, per_image = _timed(lambda k: model.sample(prompts[:k], guidance_scale=w, steps=sample_steps,
                                                  generator=g), n)
     m = _sample_quality("shapes", x)
-    m["caption accuracy"] = ldm.caption_accuracy(judges.load_judge("shapes"), x, prompts)
+    m["caption accuracy"] = evaluate.caption_accuracy(judges.load_judge("shapes"), x, prompts)
     m["scale factor"] = model.scale_factor
     m["latent encoding (s)"] = encode_s
 

@@ -43,7 +43,7 @@ What `fit` handles, in the order a step meets it:
   that a cosine/linear schedule is defined over ``steps``).
 
 Speed on a CPU: `fit` raises glibc malloc's mmap and trim thresholds once per process
-(`_tune_malloc`; opt out with ``MINIGEN_NO_MALLOPT=1``), so activation buffers are reused
+(`minigen.runtime.tune_malloc`; opt out with ``MINIGEN_NO_MALLOPT=1``), so activation buffers are reused
 instead of being mapped and page-faulted in again at every step; see benchmarks/train_overhead.py.
 
 On a GPU: ``precision="auto"`` trains under bf16 autocast where the GPU has native bf16
@@ -82,38 +82,35 @@ dropout, no noise) therefore continue exactly up to floating-point summation ord
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
-import ctypes
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
-import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import default_collate
 from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
-import minigen
+from minigen import runtime
+from minigen.batching import MicroBatchSampler, StepOrder, check_data, micro_batches, to_device
+from minigen.checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_header,
+                                rng_state, save_checkpoint, set_rng_state)
+from minigen.ema import EMA
+from minigen.plot import save_grid
+from minigen.runtime import select_device, set_seed  # public here too: lessons import them from train
 
-CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
 
 _SCHEDULES = ("constant", "cosine", "linear")
-_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_PRECISIONS = runtime.PRECISIONS
 _SAMPLE_N = 16  # images in a periodic sample grid (4 x 4)
 
 
@@ -196,35 +193,7 @@ class TrainResult:
 
 
 # -----------------------------------------------------------------------------
-# small public helpers
-
-
-def set_seed(seed: int) -> None:
-    """Seed python's `random`, numpy's global RNG and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def select_device(pref: str | torch.device = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; anything else is checked and returned as is."""
-    if isinstance(pref, torch.device):
-        pref = str(pref)
-    if pref == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(pref)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {pref!r}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {pref!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {pref!r} requested but MPS is not available; use 'auto' or 'cpu'")
-    return dev
+# the learning-rate schedule and the optimizers
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -246,322 +215,35 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return m + (1 - m) * (1 - p)
 
 
-# -----------------------------------------------------------------------------
-# EMA of the weights
+def default_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over all parameters: what `fit` uses when the model has no configure_optimizers.
 
-
-class EMA:
-    """Exponential moving average of a model's parameters, in fp32.
-
-    After each optimizer step: ``shadow = d * shadow + (1 - d) * param``. The averaged
-    weights usually sample better than the raw ones (DDPM used decay 0.9999). Buffers (e.g.
-    BatchNorm statistics) are not averaged: the latest values are copied at each update.
-
-    With ``warmup`` (the default, as latent diffusion's LitEma), the n-th update uses
-    ``d = min(decay, (1 + n) / (10 + n))``. Without it, after n updates the average still
-    holds ``decay ** n`` of the initial weights: 22% after 1,500 steps at 0.999, which for a
-    U-Net with a zero-initialised output layer shrinks every prediction by about that much
-    and turns short CPU runs' samples into noise.
+    On CUDA the fused kernel (one launch for all parameters instead of several per tensor) is
+    asked for; on the CPU the default implementation is kept: the fused CPU kernel measured
+    within noise of it (+0.7% on the U-Net step, docs/scale.md) and is newer code.
     """
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
-        if not 0 <= decay < 1:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = float(decay)
-        self.warmup = bool(warmup)
-        self.num_updates = 0
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()
-                       if p.is_floating_point()}
-        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        params = [p for n, p in model.named_parameters() if n in self.shadow]
-        if len(params) != len(self.shadow):
-            raise ValueError("EMA.update: the model's parameters differ from the ones the EMA was made for")
-        self.num_updates += 1
-        decay = self.current_decay()
-        # lerp(shadow, p, 1 - d) = d * shadow + (1 - d) * p, fused over all tensors
-        torch._foreach_lerp_(list(self.shadow.values()), [p.detach().float() for p in params],
-                             1.0 - decay)
-        for n, b in model.named_buffers():
-            if n in self.buffers:
-                self.buffers[n].copy_(b)
-
-    def current_decay(self) -> float:
-        """The decay of the latest update (num_updates counts it)."""
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Overwrite `model`'s parameters (and buffers) with the averaged ones."""
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                p.copy_(self.shadow[n])
-        for n, b in model.named_buffers():
-            if n in self.buffers:
-                b.copy_(self.buffers[n])
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "shadow": dict(self.shadow), "buffers": dict(self.buffers)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if set(state["shadow"]) != set(self.shadow):
-            missing = sorted(set(self.shadow) - set(state["shadow"]))[:5]
-            extra = sorted(set(state["shadow"]) - set(self.shadow))[:5]
-            raise ValueError(f"EMA state does not match the model (missing {missing}, unexpected {extra})")
-        self.decay = float(state["decay"])
-        self.warmup = bool(state.get("warmup", False))  # checkpoints from before warm-up had none
-        self.num_updates = int(state.get("num_updates", 0))
-        for n, t in state["shadow"].items():
-            self.shadow[n].copy_(t)
-        for n, t in state.get("buffers", {}).items():
-            if n in self.buffers:
-                self.buffers[n].copy_(t)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
+                             weight_decay=config.weight_decay, fused=True if device.type == "cuda" else None)
 
 
-# -----------------------------------------------------------------------------
-# checkpoints
+def _optimizers(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple[dict, bool]:
+    """-> ({name: optimizer}, several?): the model's configure_optimizers(config), else AdamW."""
+    opts = model.configure_optimizers(config) if hasattr(model, "configure_optimizers") \
+        else default_optimizer(model, config, device)
+    multi = isinstance(opts, dict)
+    opts = dict(opts) if multi else {"opt": opts}
+    if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts.values()):
+        raise TypeError("configure_optimizers must return an Optimizer or a non-empty dict "
+                        f"name -> Optimizer, got {opts!r}")
+    for opt in opts.values():
+        for g in opt.param_groups:  # the schedule multiplies each group's own lr
+            g.setdefault("initial_lr", g["lr"])
+    return opts, multi
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: corrupt, foreign, or for another model."""
-
-
-def _class_name(obj) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _same_class(saved: str, expected: str) -> bool:
-    if saved == expected:
-        return True
-    # a class defined in a script or notebook is "__main__.X" there and "module.X" elsewhere
-    s_mod, _, s_name = saved.rpartition(".")
-    e_mod, _, e_name = expected.rpartition(".")
-    return s_name == e_name and "__main__" in (s_mod, e_mod)
-
-
-def save_checkpoint(path, state: dict) -> None:
-    """Write `state` with torch.save, atomically: a crash mid-write never leaves a broken file.
-
-    The bytes go to a temporary file in the same directory, are flushed and fsynced, and the
-    file is then renamed over `path` (os.replace is atomic on POSIX and Windows).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def load_checkpoint(path, *, expected_model=None, map_location="cpu") -> dict:
-    """Load a minigen checkpoint with ``torch.load(weights_only=True)``.
-
-    `expected_model` (a class, an instance or a qualified class name) makes loading a
-    checkpoint of another model class an error. Raises FileNotFoundError for a missing file and
-    CheckpointError (a ValueError) for a truncated/corrupt file, a file that is not a minigen
-    checkpoint, or a checkpoint of another model class.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip reader errors, EOFError, UnpicklingError, ...
-        msg = str(e)
-        if "Unsupported global" in msg:  # a pickle of arbitrary Python objects
-            found = re.search(r"GLOBAL (\S+)", msg)
-            raise CheckpointError(
-                f"{path} is not a minigen checkpoint: it contains Python objects "
-                f"({found.group(1) if found else 'a class'}) that torch.load(weights_only=True) "
-                f"refuses to unpickle. minigen checkpoints hold only tensors and plain containers; "
-                f"load other files only if you trust them."
-            ) from None
-        detail = next((l.strip() for l in msg.splitlines() if "error" in l.lower()), msg.splitlines()[0] if msg else "")
-        raise CheckpointError(
-            f"{path} is truncated or corrupt, or not a torch checkpoint at all "
-            f"({type(e).__name__}: {detail[:200]}); delete it or restore a backup"
-        ) from e
-    if not isinstance(ckpt, dict) or "minigen_version" not in ckpt or "model_class" not in ckpt:
-        what = f"a dict with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(
-            f"{path} is not a minigen checkpoint (it holds {what}). If it is a plain state_dict, "
-            f"use model.load_state_dict(torch.load(path, weights_only=True))."
-        )
-    if expected_model is not None:
-        expected = expected_model if isinstance(expected_model, str) else _class_name(expected_model)
-        if not _same_class(ckpt["model_class"], expected):
-            raise CheckpointError(
-                f"{path} is a checkpoint of {ckpt['model_class']}, not of {expected}. "
-                f"Use the matching model class, or another out_dir/path."
-            )
-    return ckpt
-
-
-# RNG states in a form that torch.load(weights_only=True) accepts: tensors, lists, ints, floats.
-
-
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
-    }
-    if device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
-
-
-# -----------------------------------------------------------------------------
-# data: a deterministic, endless, step-indexed order
-
-
-def _derive_seed(*parts) -> int:
-    """A 63-bit seed that is a fixed function of `parts` (same on every machine and run)."""
-    digest = hashlib.sha256(":".join(map(str, ("minigen", *parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-class _StepOrder:
-    """Which dataset indices global batch `step` holds: a function of (seed, step) only."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:  # batches move forward: keep only recent epochs
-                self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(_derive_seed(self.seed, "epoch", epoch))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> torch.Tensor:
-        pos, end = step * self.batch_size, (step + 1) * self.batch_size
-        parts = []
-        while pos < end:  # a batch may straddle epochs (or span several for a tiny dataset)
-            epoch, i = divmod(pos, self.n)
-            take = min(self.n - i, end - pos)
-            parts.append(self._perm(epoch)[i:i + take])
-            pos += take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-class _MicroBatchSampler(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches (lists of indices) for steps start..stop-1, in order."""
-
-    def __init__(self, order, start, stop, rank, world_size, grad_accum):
-        self.order, self.start, self.stop = order, start, stop
-        self.per_rank = order.batch_size // world_size
-        self.rank, self.grad_accum = rank, grad_accum
-
-    def __iter__(self):
-        for step in range(self.start, self.stop):
-            shard = self.order.indices(step)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-            yield from shard.split(self.per_rank // self.grad_accum)
-
-    def __len__(self):
-        return (self.stop - self.start) * self.grad_accum
-
-
-def _check_data(data) -> int:
-    if isinstance(data, torch.Tensor):
-        if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"data is an empty tensor (shape {tuple(data.shape)}); pass at least one image")
-        return len(data)
-    if isinstance(data, torch.utils.data.DataLoader):
-        raise TypeError("pass the Dataset itself, not a DataLoader: fit() builds the batches "
-                        "(set batch_size and num_workers in the config)")
-    if isinstance(data, torch.utils.data.IterableDataset) or not (
-            hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        raise TypeError(f"data must be a map-style Dataset (with __len__ and __getitem__) or a Tensor "
-                        f"of images, got {type(data).__name__}")
-    n = len(data)
-    if n == 0:
-        raise ValueError("the dataset is empty (len 0): nothing to train on")
-    return n
-
-
-def _micro_batches(data, sampler, num_workers, pin, seed):
-    """Iterate over the micro-batches of `sampler`, fetched from `data` and collated."""
-    if isinstance(data, torch.Tensor):
-        for idx in sampler:
-            yield data[idx.to(data.device)]
-    elif num_workers == 0:
-        for idx in sampler:
-            yield default_collate([data[i] for i in idx.tolist()])
-    else:
-        # The generator only seeds the workers; passing it keeps the loader from drawing that
-        # seed from the global torch RNG, which would change the training run's random numbers.
-        g = torch.Generator().manual_seed(_derive_seed(seed, "workers", sampler.start))
-        loader = torch.utils.data.DataLoader(
-            data, batch_sampler=_ListSampler(sampler),
-            num_workers=num_workers, pin_memory=pin, generator=g, persistent_workers=False)
-        yield from loader
-
-
-class _ListSampler(torch.utils.data.Sampler):
-    """The DataLoader wants index lists, our sampler yields index tensors."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        return (idx.tolist() for idx in self.sampler)
-
-    def __len__(self):
-        return len(self.sampler)
-
-
-def _to_device(batch, device, pin, channels_last):
-    if isinstance(batch, torch.Tensor):
-        # page-locked host memory lets the copy below run asynchronously (non_blocking), so
-        # the next batch's transfer overlaps this step's kernels; DataLoader workers pin already
-        if pin and batch.device.type == "cpu" and not batch.is_pinned():
-            batch = batch.pin_memory()
-        batch = batch.to(device, non_blocking=pin)
-        if channels_last and batch.dim() == 4 and batch.is_floating_point():
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device, pin, channels_last) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device, pin, channels_last) for k, v in batch.items()}
-    return batch
+def _precision(config: TrainConfig, device: torch.device):
+    """-> (autocast dtype or None, use a GradScaler) for config.precision on `device`."""
+    return runtime.autocast_dtype(config.precision, device)
 
 
 # -----------------------------------------------------------------------------
@@ -616,96 +298,9 @@ def _split_loss(out, where: str):
     return out, metrics
 
 
+
 # -----------------------------------------------------------------------------
-# helpers for the loop
-
-
-_MALLOC_TUNED = False
-
-
-def _tune_malloc() -> None:
-    """Stop glibc malloc from mmap'ing and unmapping big activation buffers at every step.
-
-    By default glibc serves allocations above a (dynamic) threshold with fresh mmap()s and
-    returns freed memory at the top of the heap to the OS, so each training step page-faults
-    its activations in again. Raising both thresholds keeps that memory in the process for
-    reuse. Linux/glibc only, once per process; set MINIGEN_NO_MALLOPT=1 to opt out.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or os.environ.get("MINIGEN_NO_MALLOPT") == "1" or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # absent on musl: leave its allocator alone
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(1 << 30))  # blocks < 1 GiB come from the heap
-    libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))  # keep freed memory for reuse
-
-
-def default_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over all parameters: what `fit` uses when the model has no configure_optimizers.
-
-    On CUDA the fused kernel (one launch for all parameters instead of several per tensor) is
-    asked for; on the CPU the default implementation is kept: the fused CPU kernel measured
-    within noise of it (+0.7% on the U-Net step, docs/scale.md) and is newer code.
-    """
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                             weight_decay=config.weight_decay, fused=True if device.type == "cuda" else None)
-
-
-def _cuda_bf16() -> bool:
-    """Native bf16 on the current GPU (emulated bf16 on older GPUs counts as no)."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch: no emulation flag
-        return torch.cuda.is_bf16_supported()
-
-
-def _precision(config: TrainConfig, device: torch.device):
-    """-> (autocast dtype or None, use a GradScaler).
-
-    "auto" is bf16 on a CUDA GPU that supports it (Ampere and newer: no loss scaling needed,
-    same exponent range as fp32), fp16 with a GradScaler on older GPUs, fp32 elsewhere.
-    Asking for bf16 on a GPU without it is an error rather than a silent slow emulation.
-    """
-    p = config.precision
-    if p == "auto":
-        if device.type != "cuda":
-            return None, False
-        p = "bf16" if _cuda_bf16() else "fp16"
-    if p == "bf16" and device.type == "cuda" and not _cuda_bf16():
-        raise ValueError(f"precision='bf16' but {torch.cuda.get_device_name(device)} does not support "
-                         f"bfloat16; use precision='fp16' (with loss scaling) or 'auto'")
-    if p == "fp32":
-        return None, False
-    if p == "bf16":
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
-def _save_grid(images: torch.Tensor, path: Path, nrow: int) -> None:
-    """Tile (N, C, H, W) images in [-1, 1] into one PNG with a 2-pixel border."""
-    from matplotlib.image import imsave  # imported here: only needed for sample grids
-
-    x = images.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"sample_images must return (N, 1|3, H, W) images, got {tuple(images.shape)}")
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    n, c, h, w = x.shape
-    nrow = min(nrow, n)
-    ncol = math.ceil(n / nrow)
-    pad = 2
-    grid = torch.zeros(3, ncol * (h + pad) + pad, nrow * (w + pad) + pad, dtype=torch.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top:top + h, left:left + w] = x[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imsave(path, grid.permute(1, 2, 0).numpy())
+# the log
 
 
 def _read_log(path: Path, upto_step: int) -> list[dict]:
@@ -721,11 +316,6 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
         if isinstance(rec, dict) and rec.get("step", math.inf) <= upto_step:
             records.append(rec)
     return records
-
-
-def _dist_env() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 # -----------------------------------------------------------------------------
@@ -765,18 +355,12 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
     if loss_fn is None and not callable(getattr(model, "training_loss", None)):
         raise TypeError(f"{type(model).__name__} has no training_loss(batch, step) method; "
                         f"define one or pass loss_fn=(model, batch, step) -> loss")
-    n_data = _check_data(data)
-    _tune_malloc()
+    n_data = check_data(data)
+    runtime.tune_malloc()
 
-    # --- distributed setup
-    world, rank, local_rank = _dist_env()
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
-        backend = "nccl" if _wants_cuda(config.device) else "gloo"
-        dist.init_process_group(backend=backend)
-        # Kept for later fit() calls in this process and destroyed at exit: creating the default
-        # group again after destroying it reuses the rendezvous keys of the first one and can hang.
-        atexit.register(_destroy_process_group)
+    world, rank, local_rank = runtime.dist_env()
+    if world > 1:
+        runtime.init_distributed(config.device)
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(f"batch_size {config.batch_size} must be divisible by world_size x grad_accum "
                          f"= {world} x {config.grad_accum}")
@@ -784,286 +368,331 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
     return _fit(model, data, n_data, config, loss_fn, world, rank, local_rank, callback)
 
 
-def _wants_cuda(pref) -> bool:
-    return torch.cuda.is_available() and (pref == "auto" or str(pref).startswith("cuda"))
-
-
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank, callback=None) -> TrainResult:
-    distributed = world > 1
-    if distributed and _wants_cuda(config.device):
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = select_device(config.device)
-    amp_dtype, use_scaler = _precision(config, device)
-    on_cuda = device.type == "cuda"
-    out_dir = Path(config.out_dir) if config.out_dir else None
-    ckpt_path = out_dir / CHECKPOINT_NAME if out_dir else None
-    is_main = rank == 0
+    """The loop itself; each line is a method of `_Trainer` below, in the order it runs."""
+    run = _Trainer(model, config, loss_fn, world, rank, local_rank)  # device, precision, optimizers, EMA
+    run.resume_or_seed()  # from out_dir's checkpoint, or seed every RNG afresh
+    run.open_log()
+    loss_module = run.wrap_loss_module()  # DDP / torch.compile
+    batches = run.micro_batches(data, n_data)
+    run.start_progress()
+    try:
+        for step in range(run.start, config.steps):
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            record = run.optimizer_step(loss_module, micro, step)
+            run.after_step(step + 1, record, callback)  # check losses, log, sample, checkpoint
+        run.finish()
+    finally:
+        run.close()
+    return TrainResult(model=model, ema=run.ema, history=run.history, step=max(run.start, config.steps))
 
-    was_training = model.training
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    model.train()
 
-    # --- optimizers: the model's own, or AdamW over everything
-    opts = model.configure_optimizers(config) if hasattr(model, "configure_optimizers") \
-        else default_optimizer(model, config, device)
-    multi = isinstance(opts, dict)
-    opts = dict(opts) if multi else {"opt": opts}
-    if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts.values()):
-        raise TypeError("configure_optimizers must return an Optimizer or a non-empty dict "
-                        f"name -> Optimizer, got {opts!r}")
-    for opt in opts.values():
-        for g in opt.param_groups:  # the schedule multiplies each group's own lr
-            g.setdefault("initial_lr", g["lr"])
-    scalers = {name: torch.amp.GradScaler(device.type) for name in opts} if use_scaler else None
-    ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
+class _Trainer:
+    """The state one `fit` call carries from step to step, and the named steps of its loop."""
 
-    # --- fresh start or resume
-    start = 0
-    history: list[dict] = []
-    resumed = ckpt_path is not None and ckpt_path.exists()
-    if resumed:
+    def __init__(self, model, config: TrainConfig, loss_fn, world: int, rank: int, local_rank: int):
+        self.model, self.config, self.loss_fn = model, config, loss_fn
+        self.world, self.rank = world, rank
+        self.distributed, self.is_main = world > 1, rank == 0
+        if self.distributed and runtime.wants_cuda(config.device):
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = runtime.select_device(config.device)
+        self.amp_dtype, use_scaler = _precision(config, self.device)
+        self.on_cuda = self.device.type == "cuda"
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.ckpt_path = self.out_dir / CHECKPOINT_NAME if self.out_dir else None
+
+        self.was_training = model.training
+        model.to(self.device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        model.train()
+
+        self.opts, self.multi = _optimizers(model, config, self.device)
+        self.scalers = {name: torch.amp.GradScaler(self.device.type) for name in self.opts} if use_scaler else None
+        self.ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
+        self.loss_key = {name: (f"loss_{name}" if self.multi else "loss") for name in self.opts}
+        self.where = "loss_fn" if loss_fn is not None else f"{type(model).__name__}.training_loss"
+
+        self.start, self.history, self.resumed = 0, [], False
+        self.log_file, self.bar = None, None
+        # Losses stay on the device until a sync point (every step on CPU, every 10 on CUDA where
+        # a sync would stall the queue), where they are checked for NaN/inf and summed for the log.
+        self.sync_every = 10 if self.on_cuda else 1
+        self.pending: list[tuple[int, dict]] = []
+        self.sums: dict[str, float] = {}
+        self.n_summed = 0
+        self.postfix: dict[str, str] = {}
+
+    # --- before the loop
+
+    def resume_or_seed(self) -> None:
+        """Continue from out_dir's checkpoint (model, optimizers, scalers, EMA, step, RNG, log),
+        or seed every RNG for a fresh run."""
+        config, ckpt_path = self.config, self.ckpt_path
+        self.resumed = ckpt_path is not None and ckpt_path.exists()
+        if not self.resumed:
+            runtime.set_seed(config.seed + self.rank)
+            return
         # loaded on the CPU (RNG states must stay there); load_state_dict moves the rest
-        ckpt = load_checkpoint(ckpt_path, expected_model=model)
-        model.load_state_dict(ckpt["model"])
-        if set(ckpt["optimizers"]) != set(opts):
+        ckpt = load_checkpoint(ckpt_path, expected_model=self.model)
+        self.model.load_state_dict(ckpt["model"])
+        if set(ckpt["optimizers"]) != set(self.opts):
             raise CheckpointError(f"{ckpt_path} has optimizers {sorted(ckpt['optimizers'])} but the "
-                                  f"model now configures {sorted(opts)}")
-        for name, opt in opts.items():
+                                  f"model now configures {sorted(self.opts)}")
+        for name, opt in self.opts.items():
             opt.load_state_dict(ckpt["optimizers"][name])
-        if scalers is not None and ckpt.get("scalers"):
-            for name, sc in scalers.items():
+        if self.scalers is not None and ckpt.get("scalers"):
+            for name, sc in self.scalers.items():
                 sc.load_state_dict(ckpt["scalers"][name])
-        if ema is not None:
+        if self.ema is not None:
             if ckpt.get("ema") is not None:
-                ema.load_state_dict(ckpt["ema"])
+                self.ema.load_state_dict(ckpt["ema"])
             else:
                 warnings.warn(f"{ckpt_path} has no EMA state: the EMA restarts from the current weights")
-        start = int(ckpt["step"])
+        self.start = int(ckpt["step"])
         old = ckpt.get("train_config") or {}
         if old.get("batch_size", config.batch_size) != config.batch_size or old.get("seed", config.seed) != config.seed:
             warnings.warn("resuming with a different batch_size or seed than the checkpoint's: the "
                           "data order will not continue the original run exactly")
         rng = ckpt.get("rng") or []
-        if len(rng) == world:
-            _set_rng_state(rng[rank], device)
+        if len(rng) == self.world:
+            set_rng_state(rng[self.rank], self.device)
         else:  # another world size: see "Resuming on a different world size" above
-            set_seed(_derive_seed(config.seed, "resume", start, rank))
-        history = _read_log(out_dir / LOG_NAME, start)
-        del ckpt
-    else:
-        set_seed(config.seed + rank)
+            runtime.set_seed(runtime.derive_seed(config.seed, "resume", self.start, self.rank))
+        self.history = _read_log(self.out_dir / LOG_NAME, self.start)
 
-    log_file = None
-    if is_main and out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(out_dir / LOG_NAME, "w", encoding="utf-8")
-        for rec in history:  # rewrite: drop records past the checkpoint (they will be redone)
-            log_file.write(json.dumps(rec) + "\n")
-        log_file.flush()
-
-    # --- the loss module, wrapped for DDP / compile
-    loss_module = _LossModule(model, loss_fn)
-    if distributed:
-        # With several optimizers some parameters get no gradient in some phases (the generator
-        # in the discriminator's), which DDP must be told to expect.
-        loss_module = nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if on_cuda else None, find_unused_parameters=multi)
-    if config.compile:
-        loss_module = torch.compile(loss_module)
-    where = "loss_fn" if loss_fn is not None else f"{type(model).__name__}.training_loss"
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-
-    def checkpoint(step: int) -> None:
-        # every rank contributes its RNG state; rank 0 writes
-        rng = _rng_state(device)
-        rngs = [None] * world
-        if distributed:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if not is_main:
+    def open_log(self) -> None:
+        """Rank 0 (re)writes out_dir/log.jsonl: records past the checkpoint are dropped (they will be redone)."""
+        if not (self.is_main and self.out_dir is not None):
             return
-        save_checkpoint(ckpt_path, {
-            "minigen_version": minigen.__version__,
-            "model_class": _class_name(model),
-            "model_config": dataclasses.asdict(model.config)
-            if dataclasses.is_dataclass(getattr(model, "config", None))
-            and not isinstance(model.config, type) else None,
-            "model": model.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "optimizers": {name: opt.state_dict() for name, opt in opts.items()},
-            "scalers": {name: sc.state_dict() for name, sc in scalers.items()} if scalers else None,
-            "step": step,
-            "rng": rngs,
-            "train_config": dataclasses.asdict(config),
-        })
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(self.out_dir / LOG_NAME, "w", encoding="utf-8")
+        for rec in self.history:
+            self.log_file.write(json.dumps(rec) + "\n")
+        self.log_file.flush()
 
-    def sample(step: int) -> None:
-        net = model
-        if ema is not None:
-            net = copy.deepcopy(model)
-            ema.copy_to(net)
+    def wrap_loss_module(self) -> nn.Module:
+        loss_module = _LossModule(self.model, self.loss_fn)
+        if self.distributed:
+            # With several optimizers some parameters get no gradient in some phases (the generator
+            # in the discriminator's), which DDP must be told to expect.
+            loss_module = nn.parallel.DistributedDataParallel(
+                loss_module, device_ids=[self.device.index] if self.on_cuda else None,
+                find_unused_parameters=self.multi)
+        if self.config.compile:
+            loss_module = torch.compile(loss_module)
+        return loss_module
+
+    def micro_batches(self, data, n_data: int):
+        """This rank's micro-batches for steps start..steps-1, on the device."""
+        c = self.config
+        sampler = MicroBatchSampler(StepOrder(n_data, c.batch_size, c.seed), self.start, c.steps,
+                                    self.rank, self.world, c.grad_accum)
+        for batch in micro_batches(data, sampler, c.num_workers, self.on_cuda, c.seed):
+            yield to_device(batch, self.device, self.on_cuda, c.channels_last)
+
+    def start_progress(self) -> None:
+        c = self.config
+        self.bar = tqdm(total=c.steps, initial=self.start, disable=not (c.progress and self.is_main),
+                        unit="step", dynamic_ncols=True, leave=True)
+        self.t_start = time.perf_counter()
+        self.t_log, self.io_time = self.t_start, 0.0
+
+    # --- one optimizer step
+
+    def optimizer_step(self, loss_module, batches: list, step: int) -> dict[str, Any]:
+        """Each optimizer in turn: zero all gradients, forward + backward over the micro-batches,
+        schedule the lr, unscale, clip, step. Then the EMA. -> the step's losses and metrics."""
+        config, multi = self.config, self.multi
+        factor = lr_factor(step, config)
+        autocast = (lambda: torch.autocast(self.device.type, dtype=self.amp_dtype)) if self.amp_dtype \
+            else contextlib.nullcontext
+        scalers = self.scalers
+        record: dict[str, Any] = {}
+        for name, opt in self.opts.items():
+            for o in self.opts.values():
+                o.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
+            for k, batch in enumerate(batches):
+                # with DDP, all-reduce gradients only on the last micro-batch
+                no_sync = self.distributed and k < len(batches) - 1
+                with (loss_module.no_sync() if no_sync else contextlib.nullcontext()):
+                    with autocast():
+                        out = loss_module(batch, step, name if multi else None)
+                    loss, metrics = _split_loss(out, self.where)
+                    loss_scaled = loss / config.grad_accum
+                    (scalers[name].scale(loss_scaled) if scalers else loss_scaled).backward()
+                # metrics/loss summed over micro-batches, as a mean
+                for key, v in ((self.loss_key[name], loss), *metrics.items()):
+                    v = v.detach() if isinstance(v, torch.Tensor) else float(v)
+                    record[key] = record.get(key, 0.0) + v / config.grad_accum
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+            if scalers:
+                scalers[name].unscale_(opt)
+            if config.grad_clip is not None:
+                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            if scalers:
+                scalers[name].step(opt)
+                scalers[name].update()
+            else:
+                opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return record
+
+    # --- after each step
+
+    def after_step(self, done: int, record: dict, callback) -> None:
+        """Check the losses (at sync points), then log, sample, checkpoint, call back, as due."""
+        c, steps = self.config, self.config.steps
+        self.pending.append((done - 1, record))
+        self.bar.update(1)
+        log_now = c.log_every and done % c.log_every == 0
+        ckpt_now = self.ckpt_path is not None and ((c.ckpt_every and done % c.ckpt_every == 0) or done == steps)
+        sample_now = self._can_sample() and done % c.sample_every == 0
+        if log_now or ckpt_now or sample_now or done == steps or len(self.pending) >= self.sync_every:
+            self.check_losses()
+        if log_now or (c.log_every and done == steps and self.n_summed):
+            self.log(done)
+        if sample_now or ckpt_now:
+            t0 = time.perf_counter()
+            if sample_now:
+                self.sample(done)
+            if ckpt_now:
+                self.checkpoint(done)
+            self.io_time += time.perf_counter() - t0
+        if callback is not None and self.is_main:
+            self.run_callback(callback, done)
+
+    def check_losses(self) -> None:
+        """Bring the pending losses to the host (mean over ranks), stop on NaN/inf, sum for the log."""
+        if not self.pending:
+            return
+        keys = [list(d) for _, d in self.pending]
+        flat = [v.detach().float().reshape(()) if isinstance(v, torch.Tensor)
+                else torch.tensor(float(v), device=self.device) for _, d in self.pending for v in d.values()]
+        vals = torch.stack(flat)
+        if self.distributed:  # log the mean over ranks; also makes every rank see the same NaN
+            dist.all_reduce(vals)
+            vals /= self.world
+        vals = vals.tolist()
+        i = 0
+        for (s, _), ks in zip(self.pending, keys):
+            rec = dict(zip(ks, vals[i:i + len(ks)]))
+            i += len(ks)
+            for name, key in self.loss_key.items():
+                if not math.isfinite(rec[key]):
+                    raise FloatingPointError(
+                        f"the loss{'' if not self.multi else f' of optimizer {name!r}'} became {rec[key]} "
+                        f"at step {s}. Try a lower lr (now {self.config.lr:g}), gradient clipping "
+                        f"(grad_clip={self.config.grad_clip}) or a longer warm-up; the last checkpoint "
+                        f"on disk, if any, is from before this step.")
+            for k, v in rec.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.n_summed += 1
+        self.pending.clear()
+        bar = self.bar
+        if not bar.disable and time.perf_counter() - bar.last_print_t > bar.mininterval:
+            self.postfix.update((k, f"{v:.4g}") for k, v in rec.items() if k.startswith("loss"))
+            bar.set_postfix(self.postfix, refresh=False)
+
+    def log(self, done: int) -> None:
+        """One record: the losses and metrics averaged since the last, lr, img/s (without I/O time)."""
+        now = time.perf_counter()
+        train_time = max(now - self.t_log - self.io_time, 1e-9)
+        rec = {"step": done, **{k: v / self.n_summed for k, v in self.sums.items()}}
+        for name, opt in self.opts.items():
+            rec["lr" if not self.multi else f"lr_{name}"] = opt.param_groups[0]["lr"]
+        rec["img_per_s"] = self.n_summed * self.config.batch_size / train_time
+        rec["elapsed"] = now - self.t_start
+        self.history.append(rec)
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(rec) + "\n")
+            self.log_file.flush()
+        if not self.bar.disable:
+            self.postfix["img/s"] = f"{rec['img_per_s']:.0f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+        self.sums.clear()
+        self.n_summed = 0
+        self.t_log, self.io_time = now, 0.0
+
+    def _can_sample(self) -> bool:
+        return (self.is_main and self.out_dir is not None and self.config.sample_every > 0
+                and hasattr(self.model, "sample_images"))
+
+    def sample(self, done: int) -> None:
+        """out_dir/samples/step_XXXXXX.png from the EMA weights, in a forked RNG with a fixed seed:
+        the same noise every time, and the training run is unchanged."""
+        net = self.model
+        if self.ema is not None:
+            net = copy.deepcopy(self.model)
+            self.ema.copy_to(net)
         net.eval()
-        # a forked RNG with a fixed seed: the same noise every time, and the run is unchanged
+        device = self.device
         accel = device.type in ("cuda", "mps")
         with torch.random.fork_rng(devices=[device] if accel else [],
                                    device_type=device.type if accel else "cuda"), torch.no_grad():
-            torch.manual_seed(config.seed)
+            torch.manual_seed(self.config.seed)
             images = net.sample_images(_SAMPLE_N)
-        _save_grid(images, out_dir / "samples" / f"step_{step:06d}.png", nrow=4)
-        model.train()
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"sample_images must return (N, 1|3, H, W) images, got {tuple(images.shape)}")
+        save_grid(images, self.out_dir / "samples" / f"step_{done:06d}.png", nrow=4)
+        self.model.train()
 
-    # --- the loop
-    steps = config.steps
-    sampler = _MicroBatchSampler(_StepOrder(n_data, config.batch_size, config.seed),
-                                 start, steps, rank, world, config.grad_accum)
-    micro = _micro_batches(data, sampler, config.num_workers, on_cuda, config.seed)
-    can_sample = is_main and out_dir is not None and config.sample_every > 0 and hasattr(model, "sample_images")
-    bar = tqdm(total=steps, initial=start, disable=not (config.progress and is_main),
-               unit="step", dynamic_ncols=True, leave=True)
-    # Losses stay on the device until a sync point (every step on CPU, every 10 on CUDA where a
-    # sync would stall the queue), where they are checked for NaN/inf and summed for the log.
-    sync_every = 10 if on_cuda else 1
-    pending: list[tuple[int, dict]] = []
-    sums: dict[str, float] = {}
-    n_summed = 0
-    t_start = time.perf_counter()
-    t_log, io_time = t_start, 0.0
-    loss_key = {name: (f"loss_{name}" if multi else "loss") for name in opts}
-
-    postfix: dict[str, str] = {}
-
-    def sync():
-        nonlocal n_summed
-        if not pending:
+    def checkpoint(self, done: int) -> None:
+        """Every rank contributes its RNG state; rank 0 writes out_dir/checkpoint.pt."""
+        rng = rng_state(self.device)
+        rngs = [None] * self.world
+        if self.distributed:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if not self.is_main:
             return
-        keys = [list(d) for _, d in pending]
-        flat = [v.detach().float().reshape(()) if isinstance(v, torch.Tensor)
-                else torch.tensor(float(v), device=device) for _, d in pending for v in d.values()]
-        vals = torch.stack(flat)
-        if distributed:  # log the mean over ranks; also makes every rank see the same NaN
-            dist.all_reduce(vals)
-            vals /= world
-        vals = vals.tolist()
-        i = 0
-        for (s, _), ks in zip(pending, keys):
-            rec = dict(zip(ks, vals[i:i + len(ks)]))
-            i += len(ks)
-            for name, key in loss_key.items():
-                if not math.isfinite(rec[key]):
-                    raise FloatingPointError(
-                        f"the loss{'' if not multi else f' of optimizer {name!r}'} became {rec[key]} "
-                        f"at step {s}. Try a lower lr (now {config.lr:g}), gradient clipping "
-                        f"(grad_clip={config.grad_clip}) or a longer warm-up; the last checkpoint "
-                        f"on disk, if any, is from before this step.")
-            for k, v in rec.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_summed += 1
-        pending.clear()
-        if not bar.disable and time.perf_counter() - bar.last_print_t > bar.mininterval:
-            postfix.update((k, f"{v:.4g}") for k, v in rec.items() if k.startswith("loss"))
-            bar.set_postfix(postfix, refresh=False)
+        save_checkpoint(self.ckpt_path, {
+            **model_header(self.model),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizers": {name: opt.state_dict() for name, opt in self.opts.items()},
+            "scalers": {name: sc.state_dict() for name, sc in self.scalers.items()} if self.scalers else None,
+            "step": done,
+            "rng": rngs,
+            "train_config": dataclasses.asdict(self.config),
+        })
 
-    try:
-        for step in range(start, steps):
-            batches = [_to_device(next(micro), device, on_cuda, config.channels_last)
-                       for _ in range(config.grad_accum)]
-            factor = lr_factor(step, config)
-            record: dict[str, Any] = {}
-            for name, opt in opts.items():
-                for o in opts.values():
-                    o.zero_grad(set_to_none=True)
-                model.zero_grad(set_to_none=True)
-                for k, batch in enumerate(batches):
-                    # with DDP, all-reduce gradients only on the last micro-batch
-                    no_sync = distributed and k < len(batches) - 1
-                    with (loss_module.no_sync() if no_sync else contextlib.nullcontext()):
-                        with autocast():
-                            out = loss_module(batch, step, name if multi else None)
-                        loss, metrics = _split_loss(out, where)
-                        loss_scaled = loss / config.grad_accum
-                        (scalers[name].scale(loss_scaled) if scalers else loss_scaled).backward()
-                    # metrics/loss summed over micro-batches, as a mean
-                    for key, v in ((loss_key[name], loss), *metrics.items()):
-                        v = v.detach() if isinstance(v, torch.Tensor) else float(v)
-                        record[key] = record.get(key, 0.0) + v / config.grad_accum
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * factor
-                if scalers:
-                    scalers[name].unscale_(opt)
-                if config.grad_clip is not None:
-                    params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                if scalers:
-                    scalers[name].step(opt)
-                    scalers[name].update()
-                else:
-                    opt.step()
-            if ema is not None:
-                ema.update(model)
+    def run_callback(self, callback, done: int) -> None:
+        t0 = time.perf_counter()
+        was = self.model.training
+        # the callback may draw random numbers (e.g. sample): keep training's stream
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.on_cuda else None)
+        callback(done, self.model, self.ema)
+        torch.set_rng_state(rng[0])
+        if self.on_cuda:
+            torch.cuda.set_rng_state(rng[1], self.device)
+        self.model.train(was)
+        self.io_time += time.perf_counter() - t0
 
-            done = step + 1
-            pending.append((step, record))
-            bar.update(1)
-            log_now = config.log_every and done % config.log_every == 0
-            ckpt_now = ckpt_path is not None and (
-                (config.ckpt_every and done % config.ckpt_every == 0) or done == steps)
-            sample_now = can_sample and done % config.sample_every == 0
-            if log_now or ckpt_now or sample_now or done == steps or len(pending) >= sync_every:
-                sync()
-            if log_now or (config.log_every and done == steps and n_summed):
-                now = time.perf_counter()
-                train_time = max(now - t_log - io_time, 1e-9)
-                rec = {"step": done, **{k: v / n_summed for k, v in sums.items()}}
-                for name, opt in opts.items():
-                    rec["lr" if not multi else f"lr_{name}"] = opt.param_groups[0]["lr"]
-                rec["img_per_s"] = n_summed * config.batch_size / train_time
-                rec["elapsed"] = now - t_start
-                history.append(rec)
-                if log_file is not None:
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                if not bar.disable:
-                    postfix["img/s"] = f"{rec['img_per_s']:.0f}"
-                    bar.set_postfix(postfix, refresh=False)
-                sums.clear()
-                n_summed = 0
-                t_log, io_time = now, 0.0
-            if sample_now or ckpt_now:
-                t0 = time.perf_counter()
-                if sample_now:
-                    sample(done)
-                if ckpt_now:
-                    checkpoint(done)
-                io_time += time.perf_counter() - t0
-            if callback is not None and is_main:
-                t0 = time.perf_counter()
-                was = model.training
-                # the callback may draw random numbers (e.g. sample): keep training's stream
-                rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if on_cuda else None)
-                callback(done, model, ema)
-                torch.set_rng_state(rng[0])
-                if on_cuda:
-                    torch.cuda.set_rng_state(rng[1], device)
-                model.train(was)
-                io_time += time.perf_counter() - t0
-        if ckpt_path is not None and not resumed and steps == 0:
-            checkpoint(0)  # "a checkpoint at the end", even of an empty run
-        if distributed:
+    # --- after the loop
+
+    def finish(self) -> None:
+        if self.ckpt_path is not None and not self.resumed and self.config.steps == 0:
+            self.checkpoint(0)  # "a checkpoint at the end", even of an empty run
+        if self.distributed:
             dist.barrier()
-    finally:
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-        if not was_training:
-            model.eval()
-    return TrainResult(model=model, ema=ema, history=history, step=max(start, steps))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log_file is not None:
+            self.log_file.close()
+        if not self.was_training:
+            self.model.eval()
+
+
+__all__ = ["TrainConfig", "TrainResult", "fit", "lr_factor", "default_optimizer", "EMA", "CheckpointError",
+           "save_checkpoint", "load_checkpoint", "select_device", "set_seed", "CHECKPOINT_NAME", "LOG_NAME"]

@@ -26,11 +26,13 @@ which the numbers are a likelihood bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minigen.data import check_images
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -95,27 +97,6 @@ def _bits_per_dim(nll_nats, num_dims: int):
     except ImportError:  # metrics.py is optional for this module; same formula
         return nll_nats / (num_dims * math.log(2))
     return bits_per_dim(nll_nats, num_dims)
-
-
-def _check_images(x: torch.Tensor, channels: int, size: int, name: str) -> None:
-    """Shape and range check; minigen.data.check_images when available, a local copy otherwise."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
-    try:
-        from minigen.data import check_images
-    except ImportError:
-        check_images = None
-    if check_images is not None:
-        check_images(x.detach(), channels=channels, size=size, name=name)
-        return
-    if x.dim() != 4 or x.shape[1] != channels or tuple(x.shape[-2:]) != (size, size):
-        raise ValueError(f"{name} must have shape (N, {channels}, {size}, {size}), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be float in [-1, 1], got dtype {x.dtype}; convert uint8 with minigen.data.from_uint8")
-    lo, hi = float(x.min()), float(x.max())
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.001 or hi > 1.001:
-        raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
-                         "images in [0, 1] need x * 2 - 1 (minigen.data.from_unit)")
 
 
 # ----------------------------------------------------------------------------- model
@@ -237,7 +218,7 @@ class VAE(nn.Module):
     def training_loss(self, batch, step: int = 0) -> dict:
         """Negative beta-ELBO averaged over the batch (nats per image), with its two terms."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        _check_images(x, self.config.in_channels, self.config.image_size, "VAE input")
+        check_images(x, channels=self.config.in_channels, size=self.config.image_size, name="VAE input")
         r = self(x)
         recon, kl = r["recon"].mean(), r["kl"].mean()
         # Loss in nats per image: large numbers (hundreds), which Adam does not mind.
@@ -260,7 +241,7 @@ class VAE(nn.Module):
         For the Gaussian decoder this is a continuous log-*density* on the [-1, 1] scale;
         see `evaluate` for bits/dim comparable with 8-bit models.
         """
-        _check_images(x, self.config.in_channels, self.config.image_size, "VAE.elbo input")
+        check_images(x, channels=self.config.in_channels, size=self.config.image_size, name="VAE.elbo input")
         recon, kl = self._elbo_terms(x, n_samples)
         return -(recon + kl)
 
@@ -284,7 +265,7 @@ class VAE(nn.Module):
         sums = dict(elbo=0.0, recon=0.0, kl=0.0, nll_bound=0.0)
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(device)
-            _check_images(xb, self.config.in_channels, self.config.image_size, "VAE.evaluate input")
+            check_images(xb, channels=self.config.in_channels, size=self.config.image_size, name="VAE.evaluate input")
             recon, kl = self._elbo_terms(xb, n_samples)
             sums["elbo"] += float(-(recon + kl).sum())
             sums["recon"] += float(recon.sum())
@@ -335,7 +316,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean z = mu(x): the deterministic reconstruction, in [-1, 1]."""
-        _check_images(x, self.config.in_channels, self.config.image_size, "VAE.reconstruct input")
+        check_images(x, channels=self.config.in_channels, size=self.config.image_size, name="VAE.reconstruct input")
         mu, _ = self.encoder(x)
         return self.decode_mean(mu).clamp(-1, 1)
 
@@ -352,7 +333,8 @@ class VAE(nn.Module):
         x2 = x2.unsqueeze(0) if x2.dim() == 3 else x2
         if x1.shape != x2.shape:
             raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-        _check_images(torch.cat([x1, x2]), self.config.in_channels, self.config.image_size, "VAE.interpolate input")
+        check_images(torch.cat([x1, x2]), channels=self.config.in_channels, size=self.config.image_size,
+                     name="VAE.interpolate input")
         mu1, _ = self.encoder(x1)
         mu2, _ = self.encoder(x2)
         t = torch.linspace(0, 1, steps, device=mu1.device).view(1, steps, 1)
@@ -362,21 +344,15 @@ class VAE(nn.Module):
 
 def build(overrides: dict | None, image_shape, num_classes: int | None = None) -> VAE:
     """Build a VAE for images of shape (C, H, W) with config overrides (the CLI's --set)."""
-    c, h, w = image_shape
-    if h != w:
-        raise ValueError(f"VAE needs square images, got {h}x{w}")
-    overrides = dict(overrides or {})
-    valid = {f.name for f in fields(VAEConfig)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise TypeError(f"unknown VAE option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    cfg = dict(in_channels=c, image_size=h)
-    if c > 1 and "likelihood" not in overrides:
-        cfg["likelihood"] = "gaussian"  # Bernoulli pixels only make sense for grey images
+    from minigen.cli import image_config
+
+    c, h, _ = image_shape
+    defaults = {}
+    if c > 1:
+        defaults["likelihood"] = "gaussian"  # Bernoulli pixels only make sense for grey images
     if h % 4 and h % 2 == 0:  # 28 and 32 take the default two stride-2 convs; 2 mod 4 sizes get one
-        cfg["hidden_channels"] = (32,)
-    cfg.update(overrides)
-    return VAE(VAEConfig(**cfg))
+        defaults["hidden_channels"] = (32,)
+    return VAE(image_config(VAEConfig, overrides, image_shape, **defaults))
 
 
 __all__ = ["VAEConfig", "Encoder", "Decoder", "VAE", "reparameterize", "gaussian_kl", "bernoulli_nll",

@@ -28,14 +28,14 @@ learner's versions as constructor arguments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigen.vae import _check_images
+from minigen.data import check_images
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -503,7 +503,7 @@ class VQVAE(nn.Module):
 
     def training_loss(self, batch, step: int = 0) -> dict:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        _check_images(x, self.config.in_channels, self.config.image_size, "VQVAE input")
+        check_images(x, channels=self.config.in_channels, size=self.config.image_size, name="VQVAE input")
         x_hat, vq_loss, info = self(x)
         recon = F.mse_loss(x_hat, x) if self.config.recon_loss == "mse" else F.l1_loss(x_hat, x)
         return dict(loss=recon + vq_loss, recon=recon.detach(), vq=vq_loss.detach(),
@@ -512,23 +512,15 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Encode, quantise and decode; clamped to [-1, 1]. Updates no codebook statistics."""
-        _check_images(x, self.config.in_channels, self.config.image_size, "VQVAE.reconstruct input")
+        check_images(x, channels=self.config.in_channels, size=self.config.image_size, name="VQVAE.reconstruct input")
         return self.decode(self.encode(x)[0]).clamp(-1, 1)
 
 
 def build(overrides: dict | None, image_shape, num_classes: int | None = None) -> VQVAE:
     """Build a VQVAE for images of shape (C, H, W) with config overrides (the CLI's --set)."""
-    c, h, w = image_shape
-    if h != w:
-        raise ValueError(f"VQVAE needs square images, got {h}x{w}")
-    overrides = dict(overrides or {})
-    valid = {f.name for f in fields(VQVAEConfig)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise TypeError(f"unknown VQVAE option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    cfg = dict(in_channels=c, image_size=h)
-    cfg.update(overrides)
-    return VQVAE(VQVAEConfig(**cfg))
+    from minigen.cli import image_config
+
+    return VQVAE(image_config(VQVAEConfig, overrides, image_shape))
 
 
 __all__ = ["quantize", "vq_losses", "straight_through", "ema_update", "perplexity", "kmeans",

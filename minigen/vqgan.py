@@ -30,12 +30,13 @@ the choices (paper's VQ losses, hinge loss, Adam betas (0.5, 0.9)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigen.data import check_images
 from minigen.nn import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
 from minigen.vq import VectorQuantizer
 
@@ -430,9 +431,7 @@ class VQGAN(nn.Module):
                         f"`conv_out` or give it a get_last_layer() method returning that layer's weight")
 
     def _check_input(self, x, name: str) -> None:
-        from minigen.vae import _check_images  # minigen.data.check_images with a fallback
-
-        _check_images(x, self.config.in_channels, self.config.image_size, name)
+        check_images(x, channels=self.config.in_channels, size=self.config.image_size, name=name)
 
     # -- the autoencoder
 
@@ -550,19 +549,13 @@ class VQGAN(nn.Module):
 
 def build(overrides: dict | None, image_shape, num_classes: int | None = None) -> VQGAN:
     """Build a VQGAN for images of shape (C, H, W) with config overrides (the CLI's --set)."""
-    c, h, w = image_shape
-    if h != w:
-        raise ValueError(f"VQGAN needs square images, got {h}x{w}")
+    from minigen.cli import image_config
+
     overrides = dict(overrides or {})
-    valid = {f.name for f in fields(VQGANConfig)}
-    unknown = set(overrides) - valid
-    if unknown:
-        raise TypeError(f"unknown VQGAN option(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    cfg = dict(in_channels=c, image_size=h)
-    if c not in (1, 3) and "perceptual" not in overrides and "perceptual_weight" not in overrides:
-        cfg["perceptual"] = "none"  # the offline judges exist for 1- and 3-channel images only
-    cfg.update(overrides)
-    return VQGAN(VQGANConfig(**cfg))
+    defaults = {}
+    if image_shape[0] not in (1, 3) and "perceptual_weight" not in overrides:
+        defaults["perceptual"] = "none"  # the offline judges exist for 1- and 3-channel images only
+    return VQGAN(image_config(VQGANConfig, overrides, image_shape, **defaults))
 
 
 __all__ = ["hinge_d_loss", "vanilla_d_loss", "generator_loss", "adaptive_weight", "NLayerDiscriminator",

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigen import data
+from minigen import builtin_data, data, downloads
 
 
 @pytest.fixture(autouse=True)
@@ -168,8 +168,8 @@ def test_shapes_are_visible_and_coloured_as_captioned(shapes2k):
     # the shape differs strongly from the background in at least 20 pixels
     strong = ((ds.images.double() - bg[:, :, None, None]).abs().amax(1) > 60).flatten(1).sum(1)
     assert strong.min() >= 20
-    nearest_fg = torch.cdist(fg.float(), data._COLOR_RGB).argmin(1)
-    nearest_bg = torch.cdist(bg.float(), data._BACKGROUND_RGB).argmin(1)
+    nearest_fg = torch.cdist(fg.float(), builtin_data._COLOR_RGB).argmin(1)
+    nearest_bg = torch.cdist(bg.float(), builtin_data._BACKGROUND_RGB).argmin(1)
     assert torch.equal(nearest_fg, ds.attributes["color"])
     assert torch.equal(nearest_bg, ds.attributes["background"])
     # every shape has the area of a circle of radius 3.5-5 px (small) or 7-9.5 px (large)
@@ -217,7 +217,7 @@ def test_shape_coverage_matches_brute_force():
         for _ in range(4):
             r = float(g.uniform(3.5, 9.5))
             cx, cy = (float(v) for v in g.uniform(12, 20, 2))
-            got = data._shape_coverage(torch.tensor([shape]), torch.tensor([cx]), torch.tensor([cy]),
+            got = builtin_data._shape_coverage(torch.tensor([shape]), torch.tensor([cx]), torch.tensor([cy]),
                                        torch.tensor([r]))[0].double()
             ref = _brute_force_coverage(shape, cx, cy, r)
             # 8 scanlines per row: a horizontal edge of length L is off by at most L/16 in area
@@ -272,7 +272,7 @@ def test_digit_classes_are_distinct(digits2k):
 
 def test_digit_images_match_their_label_glyphs(digits2k):
     # each warped digit correlates best with the plain glyph of its own label (best font)
-    templates, _ = data._digit_templates()
+    templates, _ = builtin_data._digit_templates()
     protos = F.avg_pool2d(templates[:, :, 1], 2).flatten(2)          # (fonts, 10, 784)
     protos = protos / protos.norm(dim=2, keepdim=True)
     x = digits2k.images.float().flatten(1)
@@ -282,7 +282,7 @@ def test_digit_images_match_their_label_glyphs(digits2k):
 
 
 def test_digit_fonts_render_digits():
-    templates, width = data._digit_templates()
+    templates, width = builtin_data._digit_templates()
     assert templates.shape == (len(data.DIGIT_FONTS), 10, 4, 56, 56)
     assert (width > 2).all() and (width < 8).all()
     mass = templates[:, :, 1].sum((-1, -2))
@@ -295,18 +295,18 @@ def test_digit_fonts_render_digits():
 @pytest.fixture
 def small_builtins(monkeypatch):
     """Built-in split sizes shrunk so that cache tests run in a fraction of a second."""
-    make, version, _ = data._BUILTIN["shapes"]
-    monkeypatch.setitem(data._BUILTIN, "shapes", (make, version, {"train": (1200, 0), "test": (300, 1)}))
+    make, version, _ = builtin_data.BUILTIN["shapes"]
+    monkeypatch.setitem(builtin_data.BUILTIN, "shapes", (make, version, {"train": (1200, 0), "test": (300, 1)}))
 
 
 def _forbid_generation(monkeypatch):
     """Only the cache check's few images may be drawn, never a whole split."""
-    for name, (make, version, splits) in list(data._BUILTIN.items()):
+    for name, (make, version, splits) in list(builtin_data.BUILTIN.items()):
         def guarded(n, seed=0, make=make):
             if n > data._CACHE_CHECK:
                 raise AssertionError("regenerated although the cache should have been used")
             return make(n, seed)
-        monkeypatch.setitem(data._BUILTIN, name, (guarded, version, splits))
+        monkeypatch.setitem(builtin_data.BUILTIN, name, (guarded, version, splits))
 
 
 def test_cache_from_another_generator_is_regenerated_with_a_warning(small_builtins, tmp_path):
@@ -353,8 +353,8 @@ def test_builtin_cache_written_atomically_and_hit(small_builtins, monkeypatch, t
 
 def test_builtin_cache_versioned_and_corrupt_file_regenerated(small_builtins, monkeypatch, tmp_path):
     data.load_dataset("shapes", split="test")
-    make, version, splits = data._BUILTIN["shapes"]
-    monkeypatch.setitem(data._BUILTIN, "shapes", (make, version + 1, splits))
+    make, version, splits = builtin_data.BUILTIN["shapes"]
+    monkeypatch.setitem(builtin_data.BUILTIN, "shapes", (make, version + 1, splits))
     data.load_dataset("shapes", split="test")                 # new version: a new file
     names = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert names == [f"shapes-v{version}-test-n300-seed1.pt", f"shapes-v{version + 1}-test-n300-seed1.pt"]
@@ -372,10 +372,10 @@ def test_builtin_small_n_without_cache_is_prefix(tmp_path):
 
 
 def test_digits_cache_hit_and_official_split_sizes(monkeypatch):
-    make, version, splits = data._BUILTIN["digits"]
+    make, version, splits = builtin_data.BUILTIN["digits"]
     assert splits == {"train": (60_000, 0), "test": (10_000, 1)}       # the documented splits
-    assert data._BUILTIN["shapes"][2] == {"train": (50_000, 0), "test": (10_000, 1)}
-    monkeypatch.setitem(data._BUILTIN, "digits", (make, version, {"train": (1500, 0), "test": (200, 1)}))
+    assert builtin_data.BUILTIN["shapes"][2] == {"train": (50_000, 0), "test": (10_000, 1)}
+    monkeypatch.setitem(builtin_data.BUILTIN, "digits", (make, version, {"train": (1500, 0), "test": (200, 1)}))
     ds = data.load_dataset("digits")
     assert len(ds) == 1500 and ds.image_shape == (1, 28, 28) and ds.classes[3] == "3"
     _forbid_generation(monkeypatch)
@@ -543,14 +543,14 @@ def _serve(monkeypatch, files, calls=None):
         if calls is not None:
             calls.append(url)
         dest.write_bytes(files[url.rsplit("/", 1)[1]])
-    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.setattr(downloads, "_download", fake_download)
 
 
 def test_mnist_download_verified_and_parsed(monkeypatch, tmp_path):
     files = _fake_mnist_files()
-    spec = copy.deepcopy(data._REAL["fashion-mnist"])
+    spec = copy.deepcopy(downloads._REAL["fashion-mnist"])
     spec["files"] = {k: hashlib.md5(v).hexdigest() for k, v in files.items()}
-    monkeypatch.setitem(data._REAL, "fashion-mnist", spec)
+    monkeypatch.setitem(downloads._REAL, "fashion-mnist", spec)
     calls = []
     _serve(monkeypatch, files, calls)
     ds = data.load_dataset("fashion-mnist", split="test")
@@ -601,10 +601,10 @@ def test_cifar10_from_archive(monkeypatch, tmp_path):
             info.size = len(raw)
             tar.addfile(info, io.BytesIO(raw))
     archive = buf.getvalue()
-    spec = copy.deepcopy(data._REAL["cifar10"])
+    spec = copy.deepcopy(downloads._REAL["cifar10"])
     spec["files"] = {"cifar-10-python.tar.gz": hashlib.md5(archive).hexdigest()}
     spec["members"] = {b: hashlib.md5(raw).hexdigest() for b, raw in members.items()}
-    monkeypatch.setitem(data._REAL, "cifar10", spec)
+    monkeypatch.setitem(downloads._REAL, "cifar10", spec)
     _serve(monkeypatch, {"cifar-10-python.tar.gz": archive})
     train = data.load_dataset("cifar10")
     assert len(train) == 2 + 3 + 4 + 5 + 6 and train.image_shape == (3, 32, 32)

@@ -18,7 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigen import train
-from minigen.train import TrainConfig, _LossModule, _precision, _to_device, default_optimizer, fit
+from minigen.batching import to_device as _to_device
+from minigen.runtime import cuda_bf16
+from minigen.train import TrainConfig, _LossModule, _precision, default_optimizer, fit
 
 QUIET = dict(progress=False, log_every=1)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -228,7 +230,7 @@ def test_cuda_auto_precision_fused_adamw_and_pinned_copies(monkeypatch):
 
     monkeypatch.setattr(torch.optim, "AdamW", spy)
     res = fit(net(), data(), steps=3, batch_size=8, device="cuda", **QUIET)
-    want = torch.bfloat16 if train._cuda_bf16() else torch.float16
+    want = torch.bfloat16 if cuda_bf16() else torch.float16
     assert {s[0] for s in res.model.seen} == {want}
     assert {s[2] for s in res.model.seen} == {"cuda"}
     assert kinds == [True]

@@ -7,6 +7,7 @@ import torch
 
 from minigen import cli, data, judge, ldm, train
 from minigen.autoencoder import AutoEncoder, AutoEncoderConfig
+from minigen.builtin_data import shapes_label
 from minigen.text import Tokenizer
 from minigen.vqgan import VQGAN, VQGANConfig
 
@@ -270,7 +271,7 @@ def test_caption_accuracy_with_the_judge():
     assert ldm.caption_accuracy(j, x, test.captions) >= 0.99
     # shuffled captions: right only by chance (1/18), never close to 1
     shuffled = test.captions[1:] + test.captions[:1]
-    wrong = torch.tensor([ldm._shapes_label(c) for c in shuffled]) != labels
+    wrong = torch.tensor([shapes_label(c) for c in shuffled]) != labels
     assert ldm.caption_accuracy(j, x, shuffled) <= 1 - wrong.float().mean().item() + 0.02
     assert ldm.caption_accuracy(j, x, shuffled) < 0.2
     with pytest.raises(ValueError, match="shape and a colour"):
@@ -283,7 +284,7 @@ def test_shapes_label_reads_the_object_not_the_background():
     from minigen.data import shapes_caption
 
     for shape, color, size, bg in [(0, 0, 0, 2), (2, 5, 1, 0), (1, 2, 0, 3)]:
-        assert ldm._shapes_label(shapes_caption(shape, color, size, bg)) == shape * 6 + color
+        assert shapes_label(shapes_caption(shape, color, size, bg)) == shape * 6 + color
 
 
 # ----------------------------------------------------------------------------- build (the CLI's constructor)

@@ -1,0 +1,280 @@
+"""Checkpoints: writing them safely, reading them safely, rebuilding the model they hold.
+
+A minigen checkpoint is a dict saved with `torch.save` that holds only tensors and plain
+containers, so `torch.load(weights_only=True)` can read it without running pickled code:
+
+    minigen_version, model_class ("minigen.vqgan.VQGAN"), model_config (the dataclass as a
+    dict), model (state_dict), ema (EMA.state_dict() or None), optimizers, scalers, step,
+    rng (one RNG state per rank, see `rng_state`), train_config
+
+`fit` writes one (`save_checkpoint`) and resumes from it; `load_model` rebuilds the model
+from ``model_class`` + ``model_config`` (the CLI's `sample`, the latent diffusion model's
+autoencoder, the shipped reference weights all go through it). ``model_class`` is the
+class's import path, so a class keeps loading as long as that path imports: a module that
+moves a model class must leave its name importable from the old module.
+
+Every file written here is written atomically (`atomic_save`): a temporary file in the same
+folder, flushed and fsynced, then renamed over the target, so a crash never leaves a
+half-written checkpoint or cache file where a good one was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, foreign, or for another model."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def atomic_save(obj, path) -> None:
+    """`torch.save(obj)` to `path` atomically: a crash mid-write never leaves a broken file.
+
+    The bytes go to a uniquely named temporary file in the same folder (so concurrent writers
+    never share one), are flushed and fsynced, and the file is renamed over `path` (os.replace
+    is atomic on POSIX and Windows); the folder is then fsynced so the rename itself is durable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Write a checkpoint dict with `atomic_save`."""
+    atomic_save(state, path)
+
+
+def class_name(obj) -> str:
+    """The import path of a class or of an object's class: ``"minigen.vqgan.VQGAN"``."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def model_header(model: nn.Module) -> dict:
+    """The part of a checkpoint that says what model it holds and how to rebuild it."""
+    import minigen
+
+    cfg = getattr(model, "config", None)
+    return {"minigen_version": minigen.__version__,
+            "model_class": class_name(model),
+            "model_config": dataclasses.asdict(cfg)
+            if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _same_class(saved: str, expected: str) -> bool:
+    if saved == expected:
+        return True
+    # a class defined in a script or notebook is "__main__.X" there and "module.X" elsewhere
+    s_mod, _, s_name = saved.rpartition(".")
+    e_mod, _, e_name = expected.rpartition(".")
+    return s_name == e_name and "__main__" in (s_mod, e_mod)
+
+
+def load_checkpoint(path, *, expected_model=None, map_location="cpu") -> dict:
+    """Load a minigen checkpoint with ``torch.load(weights_only=True)``.
+
+    `expected_model` (a class, an instance or a qualified class name) makes loading a
+    checkpoint of another model class an error. Raises FileNotFoundError for a missing file and
+    CheckpointError (a ValueError) for a truncated/corrupt file, a file that is not a minigen
+    checkpoint, or a checkpoint of another model class.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip reader errors, EOFError, UnpicklingError, ...
+        msg = str(e)
+        if "Unsupported global" in msg:  # a pickle of arbitrary Python objects
+            found = re.search(r"GLOBAL (\S+)", msg)
+            raise CheckpointError(
+                f"{path} is not a minigen checkpoint: it contains Python objects "
+                f"({found.group(1) if found else 'a class'}) that torch.load(weights_only=True) "
+                f"refuses to unpickle. minigen checkpoints hold only tensors and plain containers; "
+                f"load other files only if you trust them."
+            ) from None
+        detail = next((l.strip() for l in msg.splitlines() if "error" in l.lower()), msg.splitlines()[0] if msg else "")
+        raise CheckpointError(
+            f"{path} is truncated or corrupt, or not a torch checkpoint at all "
+            f"({type(e).__name__}: {detail[:200]}); delete it or restore a backup"
+        ) from e
+    if not isinstance(ckpt, dict) or "minigen_version" not in ckpt or "model_class" not in ckpt:
+        what = f"a dict with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a minigen checkpoint (it holds {what}). If it is a plain state_dict, "
+            f"use model.load_state_dict(torch.load(path, weights_only=True))."
+        )
+    if expected_model is not None:
+        expected = expected_model if isinstance(expected_model, str) else class_name(expected_model)
+        if not _same_class(ckpt["model_class"], expected):
+            raise CheckpointError(
+                f"{path} is a checkpoint of {ckpt['model_class']}, not of {expected}. "
+                f"Use the matching model class, or another out_dir/path."
+            )
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- rebuilding
+
+
+def import_class(qualname: str) -> type:
+    """The class at an import path such as ``"minigen.vqgan.VQGAN"`` (a checkpoint's model_class)."""
+    module_name, _, name = qualname.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        raise CheckpointError(f"cannot import the model class {qualname!r}: this minigen has no such class") from None
+
+
+def config_class(cls: type, fields=None) -> type:
+    """The dataclass `cls` is built from: ``<Class>Config`` in its module (VQGAN -> VQGANConfig),
+    else the module's one dataclass whose field names are `fields`."""
+    mod = importlib.import_module(cls.__module__)
+    named = getattr(mod, cls.__name__ + "Config", None)
+    if dataclasses.is_dataclass(named):
+        return named
+    if fields is not None:
+        for obj in vars(mod).values():
+            if dataclasses.is_dataclass(obj) and isinstance(obj, type) \
+                    and {f.name for f in dataclasses.fields(obj)} == set(fields):
+                return obj
+    raise CheckpointError(f"cannot rebuild {cls.__qualname__}: no dataclass {cls.__name__}Config in {cls.__module__}")
+
+
+def model_state(ckpt: dict) -> dict:
+    """The weights to load from a checkpoint: the EMA's when it has one, the raw ones else.
+
+    The EMA holds the averaged parameters and the buffers; anything else (e.g. a buffer
+    registered after the EMA was made) comes from the raw model state. (The EMA also copies
+    non-persistent buffers, which no state_dict holds: those are left out.)
+    """
+    state = dict(ckpt["model"])
+    ema = ckpt.get("ema")
+    if isinstance(ema, dict) and "shadow" in ema:
+        state.update(ema["shadow"])
+        state.update({k: v for k, v in (ema.get("buffers") or {}).items() if k in state})
+    return state
+
+
+def rebuild(ckpt: dict, where="the checkpoint") -> nn.Module:
+    """The model a loaded checkpoint holds: ``model_class(config=<Class>Config(**model_config))``
+    with `model_state`'s weights. `where` names the file in error messages."""
+    qualname = ckpt.get("model_class") or ""
+    try:
+        cls = import_class(qualname)
+    except CheckpointError:
+        raise CheckpointError(f"{where} holds a {qualname!r}, which this minigen cannot build") from None
+    cfg = ckpt.get("model_config")
+    if cfg is None:
+        raise CheckpointError(f"{where} has no model config; it was saved from a model without a dataclass `config`")
+    model = cls(config=config_class(cls, cfg)(**cfg))
+    model.load_state_dict(model_state(ckpt))
+    return model
+
+
+def resolve(path) -> Path:
+    """A run folder means the checkpoint.pt inside it."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model in a minigen checkpoint (EMA weights when present), in eval mode.
+
+    -> (model, checkpoint dict). `path` may be the checkpoint file or the run folder holding it.
+    """
+    path = resolve(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    return rebuild(ckpt, path).to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- hashes
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, as hex (the check on shipped weights)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over a module's state_dict (names, dtypes, shapes, values), as hex."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- RNG state
+# In a form that torch.load(weights_only=True) accepts: tensors, lists, ints, floats.
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every RNG a training step may draw from: torch (CPU, all CUDA devices, MPS), numpy, python."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+    }
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` returned (CUDA states only on a machine with as many GPUs)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "atomic_save", "save_checkpoint", "load_checkpoint",
+           "class_name", "model_header", "import_class", "config_class", "model_state", "rebuild", "resolve",
+           "load_model",
+           "file_sha256", "weights_hash", "rng_state", "set_rng_state"]
