@@ -347,3 +347,21 @@ def test_grid_errors():
         S.VPSchedule(torch.tensor([0.9, 0.5]), "flow")
     with pytest.raises(ValueError, match="does not match"):
         S.dpm_solver_pp_2m(lambda x, t: x[:, :1], torch.zeros(2, 3), S.FlowSchedule().uniform(2), S.FlowSchedule.to_x0)
+
+
+def test_heun_caps_the_karras_top_for_diffusion_models():
+    """diffusion_sample's Heun starts at min(80, the schedule's top): the cosine schedule's
+    top (s = 2e4 from its 0.999 last beta) is skipped, the linear one's (157) too; with
+    sigma_max=None it starts at the top, as diffusers does."""
+    for name in ("cosine", "linear"):
+        ab = D.alphas_cumprod(D.make_beta_schedule(name, 1000))
+        sched = S.VPSchedule(ab)
+        for cap, want in ((S.KARRAS_SIGMA_MAX, min(S.KARRAS_SIGMA_MAX, sched.sigma_max)), (None, sched.sigma_max)):
+            calls = []
+            x_T = torch.randn(2, 1, 2, 2, dtype=torch.float64)
+            S.diffusion_sample(recording(calls), x_T, ab, sampler="heun", steps=3, sigma_max=cap, clip_denoised=False)
+            assert len(calls) == 5
+            assert abs(calls[0][1] - float(sched.timestep(torch.tensor(want)))) < 1e-3
+            # the network's first input is sigma_0 x_T: x~ = s_0 x_T scaled by alpha_0
+            s0 = want
+            torch.testing.assert_close(calls[0][0], x_T * s0 / math.sqrt(1 + s0**2))
