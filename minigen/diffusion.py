@@ -30,11 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigen import samplers
 from minigen.unet import UNet, UNetConfig
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "heun")  # the last two: ODE solvers in minigen.samplers
 SPACINGS = ("trailing", "leading", "linspace")
 
 # --------------------------------------------------------------------------------------
@@ -411,12 +412,22 @@ def _progress(it, progress, desc):
 def sample_loop(model_fn, x_T, alphas_cumprod, *, sampler="ddpm", steps=None, eta=0.0,
                 spacing="trailing", t_start=None, generator=None, progress=False,
                 p_sample=p_sample, ddim_step=ddim_step, **step_kwargs):
-    """Denoise x_T down to a sample with DDPM (all T steps) or DDIM (`steps` steps).
+    """Denoise x_T down to a sample with DDPM (all T steps), DDIM (`steps` steps) or one of
+    minigen.samplers' ODE solvers: "dpmsolver++" (`steps` evaluations) or "heun" (`steps`
+    Karras sigmas, 2 steps - 1 evaluations); `steps=None` takes each one's default.
 
     t_start (optional) starts from a partially noised x at that timestep instead of
     T - 1: only grid timesteps <= t_start are visited (img2img). step_kwargs
     (prediction_type, clip_denoised, variance_type for DDPM) go to the step function.
     """
+    if sampler in samplers.SAMPLERS:  # DPM-Solver++ / Heun on Karras sigmas
+        if t_start is not None or eta:
+            raise ValueError(f"sampler {sampler!r} is a deterministic ODE solver from pure noise: img2img, "
+                             f"inpainting and eta > 0 need sampler='ddim' or 'ddpm'")
+        return samplers.diffusion_sample(
+            model_fn, x_T, alphas_cumprod, sampler=sampler, steps=steps, spacing=spacing, progress=progress,
+            prediction_type=step_kwargs.get("prediction_type", "epsilon"),
+            clip_denoised=step_kwargs.get("clip_denoised", True))
     T = len(alphas_cumprod)
     grid = _timestep_grid(T, sampler, steps, spacing)
     if t_start is not None:
@@ -631,16 +642,24 @@ class DiffusionConfig:
     clip_denoised: bool = True  # clamp x0_hat to [-1, 1]; False for latent diffusion
     cond_drop_prob: float = 0.1  # classifier-free guidance: P(condition -> null) in training
     sampler: str = "ddim"  # default sampler of sample() / sample_images()
-    sample_steps: int = 50  # DDIM steps (DDPM always takes all T)
+    sample_steps: int = 50  # DDIM / DPM-Solver++ steps, Heun's Karras sigmas (DDPM always takes all T)
     eta: float = 0.0
     spacing: str = "trailing"
     guidance_scale: float = 1.0  # 1 = plain conditional sampling
     unet: UNetConfig | None = None  # the denoiser build() makes (None: bring your own)
+    backbone: str = "unet"  # "unet" | "dit": which of config.unet / config.dit is built
+    dit: object | None = None  # a minigen.dit.DiTConfig, for backbone="dit"
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
         if isinstance(self.unet, dict):  # rebuilt from a checkpoint's plain dict
             self.unet = UNetConfig(**self.unet)
+        if isinstance(self.dit, dict):
+            from minigen.dit import DiTConfig
+
+            self.dit = DiTConfig(**self.dit)
+        if self.backbone not in ("unet", "dit"):
+            raise ValueError(f"DiffusionConfig.backbone = {self.backbone!r}: use 'unet' or 'dit'")
         for name, allowed in (("beta_schedule", ("linear", "scaled_linear", "cosine")),
                               ("prediction_type", PREDICTION_TYPES), ("variance_type", VARIANCE_TYPES),
                               ("sampler", SAMPLERS), ("spacing", SPACINGS)):
@@ -648,6 +667,12 @@ class DiffusionConfig:
                 raise ValueError(f"DiffusionConfig.{name} = {getattr(self, name)!r}: use one of {allowed}")
         if len(self.image_shape) != 3:
             raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+
+
+# the name minigen.cli.load_model looks for first (<Class>Config): without it a checkpoint's
+# config is matched to a dataclass by its exact field set, so a checkpoint saved before a
+# field was added (backbone, dit) would no longer load
+GaussianDiffusionConfig = DiffusionConfig
 
 
 class GaussianDiffusion(nn.Module):
@@ -668,9 +693,16 @@ class GaussianDiffusion(nn.Module):
             model, config = None, model
         self.config = config = config or DiffusionConfig()
         if model is None:
-            if config.unet is None:
+            if config.backbone == "dit":
+                from minigen.dit import DiT
+
+                if config.dit is None:
+                    raise ValueError("GaussianDiffusion with backbone='dit' needs a model or config.dit")
+                model = DiT(config.dit)
+            elif config.unet is None:
                 raise ValueError("GaussianDiffusion needs a model or config.unet to build a UNet from")
-            model = UNet(config.unet)
+            else:
+                model = UNet(config.unet)
         self.model = model
         self.q_sample_fn, self.p_sample_fn, self.ddim_step_fn = q_sample, p_sample, ddim_step
         self.guidance_fn, self.inpaint_fn = guidance, inpaint
@@ -711,17 +743,23 @@ class GaussianDiffusion(nn.Module):
         y, context = cfg_dropout(self.config.cond_drop_prob if self.training else 0.0, y, context,
                                  null_y=self.num_classes)
         kwargs = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
-        loss = training_losses(self.model, x, self.alphas_cumprod, prediction_type=self.config.prediction_type,
-                               model_kwargs=kwargs, q_sample=self.q_sample_fn)
-        return dict(loss=loss)
+        return dict(loss=self.loss(x, kwargs))
+
+    def loss(self, x0, model_kwargs=None):
+        """The objective on clean x0 with the condition already dropped: the simple DDPM loss
+        for config.prediction_type. (minigen.flow.FlowMatching.loss is its flow-matching
+        twin, so a wrapper such as latent diffusion can hold either objective.)"""
+        return training_losses(self.model, x0, self.alphas_cumprod, prediction_type=self.config.prediction_type,
+                               model_kwargs=model_kwargs, q_sample=self.q_sample_fn)
 
     # -- sampling -----------------------------------------------------------------------
 
-    def denoiser(self, y=None, context=None, guidance_scale=None):
-        """model_fn(x, t) for the samplers, with classifier-free guidance if asked."""
+    def denoiser(self, y=None, context=None, guidance_scale=None, null_context=None):
+        """model_fn(x, t) for the samplers, with classifier-free guidance if asked (the
+        unconditional half uses the null class and null_context, default zeros)."""
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         return guided_model_fn(self.model, y=y, context=context, guidance_scale=w,
-                               null_y=self.num_classes, guidance=self.guidance_fn)
+                               null_y=self.num_classes, null_context=null_context, guidance=self.guidance_fn)
 
     def _step_kwargs(self):
         c = self.config
@@ -747,18 +785,32 @@ class GaussianDiffusion(nn.Module):
         if x_T is None:
             x_T = torch.randn((n, *c.image_shape), generator=generator, device=device)
         with _eval_mode(self):
-            return sample_loop(
-                self.denoiser(self._labels(n, y), context, guidance_scale), x_T, self.alphas_cumprod,
-                sampler=sampler, steps=(steps or c.sample_steps) if sampler == "ddim" else steps,
-                eta=c.eta if eta is None else eta, spacing=spacing or c.spacing, generator=generator,
-                progress=progress, p_sample=self.p_sample_fn, ddim_step=self.ddim_step_fn,
-                **self._step_kwargs())
+            return self.sample_from(self.denoiser(self._labels(n, y), context, guidance_scale), x_T,
+                                    sampler=sampler, steps=steps, eta=eta, spacing=spacing, generator=generator,
+                                    progress=progress)
 
-    def sample_images(self, n, guidance=None, steps=None):
+    @torch.no_grad()
+    def sample_from(self, model_fn, x_T, *, sampler=None, steps=None, eta=None, spacing=None,
+                    clip_denoised=None, generator=None, progress=False):
+        """Run `sampler` (config's by default) on model_fn (e.g. self.denoiser(...)) from x_T:
+        the sampling half of the objective, twin of minigen.flow.FlowMatching.sample_from."""
+        c = self.config
+        sampler = sampler or c.sampler
+        kwargs = self._step_kwargs()
+        if clip_denoised is not None:
+            kwargs["clip_denoised"] = clip_denoised
+        return sample_loop(model_fn, x_T, self.alphas_cumprod, sampler=sampler,
+                           steps=(steps or c.sample_steps) if sampler != "ddpm" else steps,
+                           eta=(c.eta if sampler == "ddim" else 0.0) if eta is None else eta,
+                           spacing=spacing or c.spacing, generator=generator, progress=progress,
+                           p_sample=self.p_sample_fn, ddim_step=self.ddim_step_fn, **kwargs)
+
+    def sample_images(self, n, guidance=None, steps=None, sampler=None):
         """Samples cycling through the classes: fit's periodic grids and `minigen sample`
-        (--guidance, --steps; None keeps the config's guidance_scale and sample_steps)."""
+        (--guidance, --steps, --sampler; None keeps the config's guidance_scale,
+        sample_steps and sampler)."""
         y = torch.arange(n) % self.num_classes if self.num_classes else None
-        return self.sample(n, y=y, guidance_scale=guidance, steps=steps)
+        return self.sample(n, y=y, guidance_scale=guidance, steps=steps, sampler=sampler)
 
     @torch.no_grad()
     def inpaint(self, x, mask, y=None, context=None, *, guidance_scale=None, sampler="ddpm", steps=None,
@@ -828,18 +880,28 @@ def build(config_overrides=None, image_shape=(3, 32, 32), num_classes=None):
     None) to train an unconditional model on a labelled dataset.
     """
     overrides = dict(config_overrides or {})
-    dfields = {f.name for f in fields(DiffusionConfig)} - {"unet"}
-    ufields = {f.name for f in fields(UNetConfig)}
+    dfields = {f.name for f in fields(DiffusionConfig)} - {"unet", "dit"}
+    backbone = overrides.get("backbone", "unet")
+    if backbone == "dit":  # backbone=dit: the DiT's fields instead of the U-Net's
+        from minigen.dit import DiTConfig as bcls
+    elif backbone == "unet":
+        bcls = UNetConfig
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}: use 'unet' or 'dit'")
+    ufields = {f.name for f in fields(bcls)}
     unknown = set(overrides) - dfields - ufields
     if unknown:
-        raise ValueError(f"unknown diffusion option(s) {sorted(unknown)}; valid: {sorted(dfields | ufields)}")
+        raise ValueError(f"unknown diffusion option(s) {sorted(unknown)} for backbone {backbone!r}; "
+                         f"valid: {sorted(dfields | ufields)}")
     image_shape = tuple(image_shape)
     if "num_classes" in overrides:
         num_classes = overrides.pop("num_classes")
     uargs = {k: v for k, v in overrides.items() if k in ufields}
     uargs.setdefault("in_channels", image_shape[0])
     uargs["num_classes"] = num_classes or None
+    if backbone == "dit":
+        uargs.setdefault("input_size", image_shape[1:])
     dargs = {k: v for k, v in overrides.items() if k in dfields}
     dargs.setdefault("image_shape", image_shape)
-    config = DiffusionConfig(**dargs, unet=UNetConfig(**uargs))
+    config = DiffusionConfig(**dargs, **{backbone: bcls(**uargs)})
     return GaussianDiffusion(None, config)
