@@ -189,12 +189,27 @@ class _Bridge(torch.autograd.Function):
     def backward(ctx, *grads):
         link = ctx.link
         got = link["peer"]._backward(link["gid"], list(grads))
+        if len(got) != link["real"]:
+            raise ProbeError("the other process sent back the wrong number of gradients")
         shaped = []
         for g, x in zip(got, link["ins"]):
             if g is not None and (tuple(g.shape) != tuple(x.shape)):
                 raise ProbeError("the gradient sent back has the wrong shape")
             shaped.append(None if g is None else g.to(x.dtype))
+        shaped += [None] * (len(link["ins"]) - len(shaped))  # the placeholder input, if any
         return (None, *shaped)
+
+
+def _bridge(peer, gid, values, ins):
+    """Tensors computed by the other side, wired into this side's graph through `ins`
+    (a placeholder leaf when there are none: the output then depends on the other side's
+    parameters only, and backward still reaches them)."""
+    real = len(ins)
+    if not ins:
+        ins = [torch.zeros((), requires_grad=True)]
+    link = {"peer": peer, "gid": gid, "outs": [v.detach() for v in values], "ins": ins, "real": real}
+    with torch.enable_grad():
+        return _Bridge.apply(link, *ins)
 
 
 # ---------------------------------------------------------------------------- proxies
@@ -302,7 +317,8 @@ def _raise_remote(err: dict, peer) -> None:
     cls = None
     for n in err.get("mro", []) if isinstance(err.get("mro"), list) else []:
         if isinstance(n, str) and n in _BUILTIN_EXC:
-            cls = _BUILTIN_EXC[n]
+            if n != "Exception" or name == "Exception":  # a bare Exception subclass is unknown
+                cls = _BUILTIN_EXC[n]
             break
     exc = None
     if cls is not None:
@@ -313,6 +329,8 @@ def _raise_remote(err: dict, peer) -> None:
     if exc is None:
         exc = LearnerError(f"{name}: {message}")
     exc.learner_type = name
+    if isinstance(token, str) and len(token) < 64:
+        exc._probe_token = token  # echoed back if it comes out of the learner's code unchanged
     exc.learner_traceback = str(err.get("traceback", ""))[-8000:]
     raise exc
 
@@ -538,6 +556,15 @@ class Peer:
         flags.append(False)
         env = {"op": "call", "h": h, "method": method, "flags": flags, "rng": rng_index,
                "grad": torch.is_grad_enabled()}
+        if self.trusted and torch.is_grad_enabled():
+            # arguments that are results of the check's own graph (e.g. a loss of `last_layer`):
+            # the worker sees them as functions of the leaves sent with them
+            nonleaf = [i for i, f in enumerate(flags[:rng_index]) if f and not originals[i].is_leaf]
+            leaves = [i for i, f in enumerate(flags[:rng_index]) if f and originals[i].is_leaf]
+            if nonleaf and leaves:
+                gid = len(self.graphs) + 1
+                self.graphs[gid] = ([originals[i] for i in leaves], [originals[i] for i in nonleaf], True)
+                env["arg_graph"] = {"gid": gid, "outs": nonleaf, "ins": leaves}
         renv, rpayload = self._request(env, self._encode(tree, tensors))
         if "error" in renv:
             _raise_remote(renv["error"], self)
@@ -567,15 +594,13 @@ class Peer:
                     else:
                         orig.data = new.clone()
         graph = info.get("graph")
-        if graph is not None:
+        if graph is not None and torch.is_grad_enabled():
             gid, outs = graph.get("gid"), graph.get("outs")
             ins = [t for t, f in zip(originals[:rng_index], flags[:rng_index]) if f]
             if type(gid) is int and isinstance(outs, list) and all(type(i) is int and 0 <= i < len(rtensors)
-                                                                  for i in outs) and ins:
+                                                                  for i in outs):
                 outs = sorted(set(outs))
-                link = {"peer": self, "gid": gid, "outs": [rtensors[i].detach() for i in outs],
-                        "ins": ins}
-                bridged = _Bridge.apply(link, *ins)
+                bridged = _bridge(self, gid, [rtensors[i] for i in outs], ins)
                 for i, b in zip(outs, bridged):
                     rtensors[i] = b
         result = self._unmark(rtree, rtensors, [])
@@ -700,7 +725,7 @@ class Peer:
             names = env.get("names")
             if not isinstance(names, list):
                 raise ProbeError("malformed lookup")
-            values = {n: ns[n] if n in ns else _Missing(n) for n in names if isinstance(n, str)}
+            values = {n: ns[n] if n in ns else (MARK, "missing", n) for n in names if isinstance(n, str)}
             tree, tensors, flags, _ = self._pack(values, allow_new=True)
             return {"flags": flags}, self._encode(tree, tensors)
         if op == "report" and not self.trusted:
@@ -716,6 +741,18 @@ class Peer:
         rng = env.get("rng")
         if type(rng) is not int or not 0 <= rng < len(tensors):
             raise ProbeError("malformed call")
+        arg_graph = env.get("arg_graph")
+        via_graph = set()
+        if arg_graph is not None and not self.trusted:
+            gid, outs, ins = arg_graph.get("gid"), arg_graph.get("outs"), arg_graph.get("ins")
+            ok = type(gid) is int and isinstance(outs, list) and isinstance(ins, list) and all(
+                type(i) is int and 0 <= i < rng and tensors[i].requires_grad for i in outs + ins)
+            if not ok or set(outs) & set(ins):
+                raise ProbeError("malformed call")
+            bridged = _bridge(self, gid, [tensors[i] for i in outs], [tensors[i] for i in ins])
+            for i, b in zip(outs, bridged):
+                tensors[i] = b
+            via_graph = set(outs)
         gens: list = []
         args, kwargs = self._unmark(tree, tensors, gens)
         if not (isinstance(args, list) and isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
@@ -761,11 +798,14 @@ class Peer:
                 info["mutated"].append([i, len(rtensors)])
                 rtensors.append(t.detach())
                 rflags.append(False)
-        ins = [t for t, f in zip(arg_tensors, flags[:rng]) if f is True and t.requires_grad]
+        # the graph of this call, kept for the caller's backward: gradients for the flagged
+        # arguments (in order; None for those computed from other arguments, whose share
+        # already reaches their leaves), and .grad accumulated in this side's parameters
+        ins = [None if i in via_graph else t for i, (t, f) in enumerate(zip(arg_tensors, flags[:rng])) if f is True]
         outs = [i for i, t in enumerate(rtensors[:info["rng"]]) if rflags[i]]
-        if ins and outs:
+        if outs:
             gid = len(self.graphs) + 1
-            self.graphs[gid] = (ins, [originals[i] for i in outs])
+            self.graphs[gid] = (ins, [originals[i] for i in outs], False)
             info["graph"] = {"gid": gid, "outs": outs}
         rflags = [False] * len(rflags)  # outputs arrive as plain tensors; the bridge adds the grad
         return {"flags": rflags, "info": info}, self._encode(rtree, [t.detach() for t in rtensors])
@@ -774,16 +814,31 @@ class Peer:
         gid = env.get("gid")
         if gid not in self.graphs:
             raise ProbeError("unknown graph (it was freed when the check cell ended)")
-        ins, outs = self.graphs[gid]
+        ins, outs, only_inputs = self.graphs[gid]
         tree, tensors = self._decode(payload, env.get("flags"))
         grads = self._unmark(tree, tensors, [])
-        if not isinstance(grads, list) or len(grads) != len(outs):
+        if not isinstance(grads, list) or len(grads) != len(outs) or not all(
+                g is None or (isinstance(g, torch.Tensor) and g.shape == o.shape) for g, o in zip(grads, outs)):
             raise ProbeError("malformed backward")
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
         guard = self.guard if (self.guard is not None and not self.trusted) else _nullguard
-        with guard(), torch.enable_grad():
-            got = torch.autograd.grad([o for o, _ in pairs], ins, [g.to(o.dtype) for o, g in pairs],
-                                      retain_graph=True, allow_unused=True) if pairs else [None] * len(ins)
+        live = [x for x in ins if x is not None and x.requires_grad]
+        saved = [x.grad for x in live]
+        for x in live:
+            if not x.is_leaf:
+                x.retain_grad()
+            x.grad = None
+        try:
+            with guard(), torch.enable_grad():
+                if pairs:
+                    # backward() as in-process: this side's parameters accumulate .grad too
+                    # (for the check's own argument graphs, only the inputs asked for)
+                    torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs],
+                                            retain_graph=True, inputs=live if only_inputs else None)
+            got = [None if x is None or not x.requires_grad else x.grad for x in ins]
+        finally:
+            for x, old in zip(live, saved):
+                x.grad = old
         rtree = [(MARK, "t", i) if g is not None else None for i, g in enumerate(got)]
         rtensors = [g.detach() if g is not None else torch.zeros(0) for g in got]
         return {"flags": [False] * len(rtensors)}, self._encode(rtree, rtensors)
