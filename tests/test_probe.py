@@ -373,3 +373,19 @@ def test_backward_reaches_the_parameters_of_a_trusted_model():
     training_loss(model, x0).backward()
     for a, b in zip(remote, model.parameters()):
         assert torch.allclose(a, b.grad, atol=1e-6)
+
+
+def test_autograd_grad_reaches_a_trusted_models_parameters():
+    """ex.gradients_flow(loss, {"w": model.w}): torch.autograd.grad through worker and callback."""
+    model = nn.Linear(4, 4)
+
+    def training_loss(model, x0):
+        return ((model(x0 * 0.5) - x0) ** 2).mean()
+
+    x0 = torch.randn(6, 4)
+    with Worker({"training_loss": training_loss}) as wk:
+        loss = wk.get("training_loss")(model, x0)
+        gw, gb = torch.autograd.grad(loss, [model.weight, model.bias])
+    assert model.weight.grad is None
+    rw, rb = torch.autograd.grad(training_loss(model, x0), [model.weight, model.bias])
+    assert torch.allclose(gw, rw, atol=1e-6) and torch.allclose(gb, rb, atol=1e-6)

@@ -860,6 +860,8 @@ def grade_all(paths, *, source_dir, out, feedback_dir=None, cell_timeout=60.0, t
         shared = sandbox.prepare_shared_cache(shared_root) if os.geteuid() == 0 else None
         for slot in range(max(1, jobs)):
             box = sandbox.Sandbox.for_slot(slot, memory, shared)
+            box.hide = [Path(source_dir), out.parent, results_dir] + [
+                Path(p) if Path(p).is_dir() else Path(p).parent for p in paths]
             made.append(box)
             boxes.put(box)
         for text in sandbox.notes():

@@ -196,20 +196,42 @@ class _Bridge(torch.autograd.Function):
             if g is not None and (tuple(g.shape) != tuple(x.shape)):
                 raise ProbeError("the gradient sent back has the wrong shape")
             shaped.append(None if g is None else g.to(x.dtype))
+        # this side's parameters reached through callbacks the other side made during the call
+        stash = link["peer"].param_stash
+        shaped += [stash.pop(id(p), None) for p in link["params"]]
         shaped += [None] * (len(link["ins"]) - len(shaped))  # the placeholder input, if any
         return (None, *shaped)
 
 
-def _bridge(peer, gid, values, ins):
-    """Tensors computed by the other side, wired into this side's graph through `ins`
-    (a placeholder leaf when there are none: the output then depends on the other side's
-    parameters only, and backward still reaches them)."""
+def _bridge(peer, gid, values, ins, params=()):
+    """Tensors computed by the other side, wired into this side's graph through `ins` and
+    `params` (parameters of this side's modules that the other side's computation reached by
+    calling back), or a placeholder leaf when there are none."""
     real = len(ins)
-    if not ins:
-        ins = [torch.zeros((), requires_grad=True)]
-    link = {"peer": peer, "gid": gid, "outs": [v.detach() for v in values], "ins": ins, "real": real}
+    inputs = list(ins) + list(params)
+    if not inputs:
+        inputs = [torch.zeros((), requires_grad=True)]
+    link = {"peer": peer, "gid": gid, "outs": [v.detach() for v in values], "ins": inputs, "real": real,
+            "params": list(params)}
     with torch.enable_grad():
-        return _Bridge.apply(link, *ins)
+        return _Bridge.apply(link, *inputs)
+
+
+def _leaf_params(outs) -> list:
+    """The leaf tensors requiring grad that `outs` were computed from (a module's parameters)."""
+    found, seen, stack = [], set(), [o.grad_fn for o in outs if o.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if isinstance(var, torch.Tensor):
+            if all(var is not f for f in found):
+                found.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
 
 
 # ---------------------------------------------------------------------------- proxies
@@ -351,6 +373,7 @@ class Peer:
         self.proxies: dict[int, RemoteObject] = {}  # remote handle -> proxy
         self.graphs: dict[int, tuple] = {}    # own graphs kept for the other side's backward
         self._own_errors: dict[str, BaseException] = {}
+        self.param_stash: dict[int, torch.Tensor] = {}  # gradients for parameters, see _Bridge
         self.dead = None
 
     # ------------------------------------------------------------ encoding
@@ -563,11 +586,17 @@ class Peer:
             leaves = [i for i, f in enumerate(flags[:rng_index]) if f and originals[i].is_leaf]
             if nonleaf and leaves:
                 gid = len(self.graphs) + 1
-                self.graphs[gid] = ([originals[i] for i in leaves], [originals[i] for i in nonleaf], True)
+                self.graphs[gid] = ([originals[i] for i in leaves], [originals[i] for i in nonleaf], True, [])
                 env["arg_graph"] = {"gid": gid, "outs": nonleaf, "ins": leaves}
+        graphs_before = set(self.graphs)
         renv, rpayload = self._request(env, self._encode(tree, tensors))
         if "error" in renv:
             _raise_remote(renv["error"], self)
+        params = []
+        for gid in set(self.graphs) - graphs_before:  # callbacks served during the call
+            for prm in self.graphs[gid][3]:
+                if all(prm is not q for q in params):
+                    params.append(prm)
         rtree, rtensors = self._decode(rpayload, renv.get("flags"))
         # the callee's global RNG state, generator states, in-place changes
         info = renv.get("info", {})
@@ -600,7 +629,7 @@ class Peer:
             if type(gid) is int and isinstance(outs, list) and all(type(i) is int and 0 <= i < len(rtensors)
                                                                   for i in outs):
                 outs = sorted(set(outs))
-                bridged = _bridge(self, gid, [rtensors[i] for i in outs], ins)
+                bridged = _bridge(self, gid, [rtensors[i] for i in outs], ins, params)
                 for i, b in zip(outs, bridged):
                     rtensors[i] = b
         result = self._unmark(rtree, rtensors, [])
@@ -805,7 +834,12 @@ class Peer:
         outs = [i for i, t in enumerate(rtensors[:info["rng"]]) if rflags[i]]
         if outs:
             gid = len(self.graphs) + 1
-            self.graphs[gid] = (ins, [originals[i] for i in outs], False)
+            out_tensors = [originals[i] for i in outs]
+            params = []
+            if self.trusted:  # parameters of the check's modules: their gradients go back via _Bridge
+                ids = {id(x) for x in ins if x is not None}
+                params = [q for q in _leaf_params(out_tensors) if id(q) not in ids]
+            self.graphs[gid] = (ins, out_tensors, False, params)
             info["graph"] = {"gid": gid, "outs": outs}
         rflags = [False] * len(rflags)  # outputs arrive as plain tensors; the bridge adds the grad
         return {"flags": rflags, "info": info}, self._encode(rtree, [t.detach() for t in rtensors])
@@ -814,7 +848,7 @@ class Peer:
         gid = env.get("gid")
         if gid not in self.graphs:
             raise ProbeError("unknown graph (it was freed when the check cell ended)")
-        ins, outs, only_inputs = self.graphs[gid]
+        ins, outs, only_inputs, params = self.graphs[gid]
         tree, tensors = self._decode(payload, env.get("flags"))
         grads = self._unmark(tree, tensors, [])
         if not isinstance(grads, list) or len(grads) != len(outs) or not all(
@@ -829,6 +863,20 @@ class Peer:
                 x.retain_grad()
             x.grad = None
         try:
+            if self.trusted and params and pairs:
+                # the check's parameters: gradients kept for the _Bridge that owns them, not
+                # accumulated, so torch.autograd.grad on the trusted side sees them as results
+                with torch.enable_grad():
+                    got_all = torch.autograd.grad([o for o, _ in pairs], live + params,
+                                                  [g.to(o.dtype) for o, g in pairs], retain_graph=True,
+                                                  allow_unused=True)
+                by_id = {id(x): g for x, g in zip(live, got_all[:len(live)])}
+                for prm, g in zip(params, got_all[len(live):]):
+                    if g is not None:
+                        old = self.param_stash.get(id(prm))
+                        self.param_stash[id(prm)] = g if old is None else old + g
+                got = [None if x is None else by_id.get(id(x)) for x in ins]
+                return self._grads_reply(got)
             with guard(), torch.enable_grad():
                 if pairs:
                     # backward() as in-process: this side's parameters accumulate .grad too
@@ -839,6 +887,9 @@ class Peer:
         finally:
             for x, old in zip(live, saved):
                 x.grad = old
+        return self._grads_reply(got)
+
+    def _grads_reply(self, got):
         rtree = [(MARK, "t", i) if g is not None else None for i, g in enumerate(got)]
         rtensors = [g.detach() if g is not None else torch.zeros(0) for g in got]
         return {"flags": [False] * len(rtensors)}, self._encode(rtree, rtensors)

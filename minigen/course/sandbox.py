@@ -111,6 +111,7 @@ class Sandbox:
         self.cgroups: list[Path] = []
         self.cgroup_kind = None
         self._stage = None
+        self.hide: list = []  # folders the notebook must not see (sources, submissions, outputs)
         if os.geteuid() == 0 and sys.platform.startswith("linux"):
             self._reserve_uid()
         elif sys.platform.startswith("linux"):
@@ -288,7 +289,13 @@ class Sandbox:
                     if anc != p:
                         plan.setdefault(str(anc), []).append(str(p))
                     break
-        if not plan:
+        hide = []
+        keep = [str(Path(os.path.realpath(p))) for p in need] + [os.path.realpath(tempfile.gettempdir())]
+        for h in self.hide:
+            h = os.path.realpath(h)
+            if os.path.isdir(h) and not any(k == h or k.startswith(h + "/") for k in keep) and h != "/":
+                hide.append(h)
+        if not plan and not hide:
             return None
         if self._stage is None:
             self._stage = Path(tempfile.mkdtemp(prefix="minigen-grader-stage-"))
@@ -304,7 +311,7 @@ class Sandbox:
                 k += 1
                 items.append((p, str(stage)))
             out.append((hidden, items))
-        return out
+        return out, sorted(set(hide))
 
     def _cgroup_pids(self) -> set[int]:
         pids = set()
@@ -412,8 +419,10 @@ def _libc():
     return libc
 
 
-def _apply_mounts(libc, plan) -> None:
-    """In the child: a private mount namespace where each hidden folder shows only what Python needs."""
+def _apply_mounts(libc, mounts) -> None:
+    """In the child: a private mount namespace where each folder other users may not enter shows
+    only what Python needs, and the grader's own folders (sources, submissions, outputs) are empty."""
+    plan, hide = mounts
     def check(rc, what):
         if rc != 0:
             raise OSError(ctypes.get_errno(), f"{what} failed")
@@ -429,6 +438,8 @@ def _apply_mounts(libc, plan) -> None:
             check(libc.mount(stage.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"bind back {path}")
             libc.mount(None, path.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None)
             libc.umount2(stage.encode(), MNT_DETACH)
+    for h in hide:
+        check(libc.mount(b"tmpfs", h.encode(), b"tmpfs", MS_RDONLY, b"mode=555,size=4k"), f"tmpfs on {h}")
 
 
 def _proc_table():
