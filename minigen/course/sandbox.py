@@ -111,7 +111,8 @@ class Sandbox:
         self.cgroups: list[Path] = []
         self.cgroup_kind = None
         self._stage = None
-        self.hide: list = []  # folders the notebook must not see (sources, submissions, outputs)
+        self.hide: list = []
+        self._workdir = None  # folders the notebook must not see (sources, submissions, outputs)
         if os.geteuid() == 0 and sys.platform.startswith("linux"):
             self._reserve_uid()
         elif sys.platform.startswith("linux"):
@@ -231,6 +232,7 @@ class Sandbox:
         return made
 
     def spawn(self, cmd, *, cwd, env, pass_fds) -> subprocess.Popen:
+        self._workdir = str(cwd)
         """Start the worker in its own session (as the slot's uid when root), limited."""
         for cg in self.cgroups:
             try:
@@ -295,8 +297,6 @@ class Sandbox:
             h = os.path.realpath(h)
             if os.path.isdir(h) and not any(k == h or k.startswith(h + "/") for k in keep) and h != "/":
                 hide.append(h)
-        if not plan and not hide:
-            return None
         if self._stage is None:
             self._stage = Path(tempfile.mkdtemp(prefix="minigen-grader-stage-"))
         out = []
@@ -311,7 +311,21 @@ class Sandbox:
                 k += 1
                 items.append((p, str(stage)))
             out.append((hidden, items))
-        return out, sorted(set(hide))
+        # a private /tmp, /var/tmp and /dev/shm: what the notebook writes there goes with it;
+        # its working folder and the shared dataset cache are bound back in
+        tmp = os.path.realpath(tempfile.gettempdir())
+        private = [(d, [x for x in (self._workdir, str(self.shared_cache.parent) if self.shared_cache else None,
+                                    str(self._stage) if self._stage else None)
+                        if x and x.startswith(d + "/")])
+                   for d in sorted({tmp, "/tmp", "/var/tmp", "/dev/shm"}) if os.path.isdir(d)]
+        hide = [h for h in hide if not any(h == d or h.startswith(d + "/") for d, _ in private)]
+        outer = []
+        for h in sorted(set(hide)):  # a folder inside one already hidden needs nothing more
+            if not any(h.startswith(o + "/") for o in outer):
+                outer.append(h)
+        if self._stage is None:
+            self._stage = Path(tempfile.mkdtemp(prefix="minigen-grader-stage-"))
+        return out, outer, private
 
     def _cgroup_pids(self) -> set[int]:
         pids = set()
@@ -422,7 +436,7 @@ def _libc():
 def _apply_mounts(libc, mounts) -> None:
     """In the child: a private mount namespace where each folder other users may not enter shows
     only what Python needs, and the grader's own folders (sources, submissions, outputs) are empty."""
-    plan, hide = mounts
+    plan, hide, private = mounts
     def check(rc, what):
         if rc != 0:
             raise OSError(ctypes.get_errno(), f"{what} failed")
@@ -440,6 +454,15 @@ def _apply_mounts(libc, mounts) -> None:
             libc.umount2(stage.encode(), MNT_DETACH)
     for h in hide:
         check(libc.mount(b"tmpfs", h.encode(), b"tmpfs", MS_RDONLY, b"mode=555,size=4k"), f"tmpfs on {h}")
+    for d, keepers in private:
+        # hold the folders to keep open across the new tmpfs, then bind them back by descriptor
+        held = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in keepers]
+        check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", 0, b"mode=1777,size=1g"), f"tmpfs on {d}")
+        for path, fd in held:
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            check(libc.mount(f"/proc/self/fd/{fd}".encode(), path.encode(), None, MS_BIND | MS_REC, None),
+                  f"bind back {path}")
+            os.close(fd)
 
 
 def _proc_table():
