@@ -1,32 +1,32 @@
 """Grade a folder of submitted lesson notebooks: a CSV of points and a feedback file per student.
 
     python -m minigen.course.grader submissions/ --out grades.csv
-    minigen grade submissions/*/00_setup_and_tour.ipynb --out grades.csv --jobs 2
+    minigen grade submitted/ --out grades.csv --jobs 2        # nbgrader's submitted/STUDENT/LESSON/
+    minigen grade submissions/ --out grades.csv --forbid-reference --memory 2G
 
 How a submission is graded:
 
 - The lesson is found from the notebook's metadata (`minigen.lesson`, written by the
-  builder) or its file name; the student's name is the file name without the lesson name
-  (`alice_00_setup_and_tour.ipynb`) or, when the file is named like the lesson, its folder
-  (`alice/00_setup_and_tour.ipynb`).
+  builder) or its file or folder name; the student is the file name without the lesson
+  (`alice_00_setup_and_tour.ipynb`), its folder (`alice/00_setup_and_tour.ipynb`), or in
+  nbgrader's layout the folder above the assignment (`submitted/alice/00_x/00_x.ipynb`).
 - The notebook that runs is the instructor's source notebook (solutions/ by default, hidden
-  tests included) with each exercise cell taken from the student (matched by nbgrader
-  grade_id) and cells the student added kept in place. Check cells and every other locked
-  cell come from the source, so editing them changes nothing. Cells tagged `skip-grading`
-  are not run.
-- Each notebook runs in its own process (quick mode, MINIGEN_QUICK=1) with an IPython
-  shell, in a fresh temporary directory that is then deleted, with a per-cell and a
-  per-notebook time limit. A cell over its limit is interrupted; if it does not stop, the
-  process group is killed and the notebook is replayed without that cell, so later
-  exercises are still graded. A crash in a cell costs only that cell.
-- Results come back over an inherited pipe, each line tagged with a random per-run token;
-  output is captured into capped buffers. Printing "passed" or writing a grades file forges
-  nothing; the check modules are imported afresh before every check cell, and attributes of
-  torch/builtins the notebook replaced are put back.
-
-This isolates honest mistakes and casual tampering, not a determined attacker: the code
-runs as your user. For untrusted submissions run the grader in a container or as an
-unprivileged user.
+  tests included) with only the student's solution cells swapped in (matched by nbgrader
+  grade_id, or by the `# Exercise N.M` header when the metadata was lost). Cells the student
+  added or edited elsewhere do not run; the feedback lists them. Cells tagged
+  `skip-grading` are not run. Malformed metadata gives that notebook an error row.
+- The notebook runs in a worker (minigen.course._runner) that never runs a check. At each
+  check cell the trusted judge (minigen.course._judge) runs the check functions with
+  proxies for the learner's names (minigen.course.probe): every operation is a probe
+  answered by the worker with plain data decoded with torch.load(weights_only=True).
+  Points and feedback come only from the judge's verdicts.
+- Isolation (minigen.course.sandbox): the worker runs in its own session, as a dedicated
+  unprivileged uid when the grader is root, in a private mount namespace and a cgroup with a
+  memory limit, and everything it started is killed before its result is written. A cell
+  over its time limit is interrupted; if it does not stop, the worker is killed and the
+  notebook replayed without that cell, so later exercises are still graded.
+- Results are written per notebook as each finishes (OUT_results/, atomically), so an
+  interrupted batch rerun grades only what is missing; the CSV comes last.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class Source:
     nb: dict
     exercises: list  # of builder.ExerciseInfo
     aliases: dict = field(default_factory=dict)  # names bound to check modules, e.g. {"check": "...l00"}
+    warnings: list = field(default_factory=list)  # check-cell lines that cannot run on the trusted side
 
     @property
     def max_points(self) -> float:
@@ -89,7 +90,17 @@ def load_sources(source_dir) -> dict[str, Source]:
     sources = {}
     for p in paths:
         nb = builder.annotate(builder.read_notebook(p), str(p), p.stem)
-        sources[p.stem] = Source(p.stem, nb, builder.exercises_in(nb), check_aliases(nb))
+        src = sources[p.stem] = Source(p.stem, nb, builder.exercises_in(nb), check_aliases(nb))
+        for cell in nb["cells"]:
+            if cell["metadata"]["nbgrader"]["grade"]:
+                try:
+                    _, skipped = probe.parse_check_cell(builder.source_text(cell), src.aliases)
+                except (SyntaxError, probe.CheckCellError) as e:
+                    skipped = [str(e)]
+                for line in skipped:
+                    src.warnings.append(f"{p.stem}, {cell['metadata']['nbgrader']['grade_id']}: "
+                                        f"`{line.splitlines()[0][:80]}` is not a check call and is not run "
+                                        "when grading (checks run outside the notebook; call a check function)")
     return sources
 
 
@@ -277,6 +288,7 @@ def _child_env(workdir: Path, threads: int, cache: Path | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k in keep}
     env.update({
         "MINIGEN_QUICK": "1",
+        "MINIGEN_GRADING": "1",
         "MINIGEN_CACHE": str(cache or workdir / "cache"),
         "MPLBACKEND": "Agg",
         "HOME": str(workdir),
@@ -831,9 +843,10 @@ def _fingerprint(sub: Submission, source_dir, options: dict) -> str:
 
 
 def grade_all(paths, *, source_dir, out, feedback_dir=None, cell_timeout=60.0, timeout=300.0, jobs=1,
-              memory=4 << 30, forbid_reference=False, log=sys.stdout) -> list[NotebookGrade]:
+              memory=4 << 30, forbid_reference=False, log=None) -> list[NotebookGrade]:
     from minigen.course import sandbox
 
+    log = log or sys.stdout
     sources = load_sources(source_dir)
     subs = []
     for p in collect(paths):
@@ -864,7 +877,7 @@ def grade_all(paths, *, source_dir, out, feedback_dir=None, cell_timeout=60.0, t
                 Path(p) if Path(p).is_dir() else Path(p).parent for p in paths]
             made.append(box)
             boxes.put(box)
-        for text in sandbox.notes():
+        for text in sandbox.notes() + [w for s in sources.values() for w in s.warnings]:
             print(f"note: {text}", file=log, flush=True)
 
         def one(sub):
