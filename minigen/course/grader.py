@@ -217,6 +217,7 @@ def plan_cells(source: Source, student_nb: dict, ignored: list | None = None) ->
     answers: dict[str, dict] = {}
     fallback: dict[str, dict] = {}
     canonical_texts = {builder.source_text(c).strip() for c in canonical}
+    canonical_texts |= {builder.strip_hidden_tests(builder.source_text(c)).strip() for c in canonical}
     for k, cell in enumerate(cells_in):
         if not isinstance(cell, dict):
             raise MetadataError(f"cell {k} is not a JSON object")
@@ -242,7 +243,9 @@ def plan_cells(source: Source, student_nb: dict, ignored: list | None = None) ->
             answers[gid] = cell
             continue
         if gid in known:
-            if text.strip() != builder.source_text(known[gid]).strip() and known[gid]["cell_type"] == "code":
+            original = builder.source_text(known[gid])
+            if text.strip() not in (original.strip(), builder.strip_hidden_tests(original).strip()) \
+                    and known[gid]["cell_type"] == "code":
                 if ignored is not None:
                     ignored.append(f"cell {k} (`{first}`): you edited a read-only cell; the original ran")
             continue
@@ -707,7 +710,8 @@ def grade_submission(sub: Submission, sources: dict[str, Source], *, cell_timeou
                     folded.setdefault(other, []).append(ex.number)
             elif err.get("probe_error"):
                 status = "crashed"
-                text = "your code stopped the notebook's process while it was being checked: " + text
+                text = ("the notebook's process stopped answering the grader (your code ended it, or wrote "
+                        "into the grader's channel) while this exercise was checked: " + text)
             else:
                 status = "failed" if err.get("check_failed") else "error"
             message = text if err.get("check_failed") else f"{err.get('type')}: {text}\n{res.get('output', '')[-3000:]}"
