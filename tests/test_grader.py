@@ -282,3 +282,24 @@ def test_cli_bad_arguments(tmp_path, capsys):
         grader.main(["--help"])
     assert e.value.code == 0
     assert re.search(r"--cell-timeout", capsys.readouterr().out)
+
+
+def test_less_isolation_is_said_once_and_grading_still_works(tmp_path, monkeypatch, capsys):
+    """Not root and no writable cgroup: workers run as the grader's user under RLIMIT_AS."""
+    from minigen.course import sandbox
+
+    root = tmp_path
+    (root / "solutions").mkdir()
+    (root / "solutions" / "99_test.ipynb").write_text(json.dumps(SOURCE))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(sandbox, "_cgroup_root", lambda: None)
+    monkeypatch.setattr(sandbox, "_notes", [])
+    subs = tmp_path / "submitted" / "solo" / "99_test"
+    subs.mkdir(parents=True)
+    (subs / "99_test.ipynb").write_text(json.dumps(CASES["correct"][0]))
+    assert grader.main([str(tmp_path / "submitted"), "--source", str(root / "solutions"), "--out",
+                        str(tmp_path / "g.csv"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("note: the grader is not root") == 1 and out.count("RLIMIT_AS") == 1
+    with open(tmp_path / "g.csv") as f:
+        assert next(r for r in csv.DictReader(f) if r["exercise"] == "total")["points"] == "3"

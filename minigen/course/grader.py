@@ -343,6 +343,8 @@ class _Lines:
 
 def _attempt(cells, aliases, results, *, workdir, env, cell_timeout, deadline, box, report_names):
     """Run `cells` in one worker with one judge. Returns (outcome, culprit cell index, raw output tail)."""
+    from minigen.course import sandbox
+
     r, w = os.pipe()
     jr, jw = os.pipe()
     judge_sock, worker_sock = socket.socketpair()
@@ -353,6 +355,7 @@ def _attempt(cells, aliases, results, *, workdir, env, cell_timeout, deadline, b
         [sys.executable, "-m", "minigen.course._judge"], cwd=tempfile.gettempdir(), env=judge_env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         pass_fds=(jw, judge_sock.fileno()), start_new_session=True)
+    sandbox._known_children.add(judge.pid)  # ours: never taken for a notebook's orphan
     proc = box.spawn([sys.executable, "-m", "minigen.course._runner"], cwd=workdir, env=env,
                      pass_fds=(w, worker_sock.fileno()))
     os.close(w)
@@ -475,6 +478,7 @@ def _attempt(cells, aliases, results, *, workdir, env, cell_timeout, deadline, b
         except subprocess.TimeoutExpired:
             pass
         _killpg(judge)
+        sandbox._known_children.discard(judge.pid)
         os.close(r)
         os.close(jr)
         for t in drains:
