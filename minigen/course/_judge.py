@@ -58,8 +58,11 @@ def main() -> None:
                      "timeout": timeout,
                      "learner_traceback": learner_tb,
                      "probe_error": any(isinstance(c, probe.ProbeError) for c in chain)}
-            if "CheckFailed" not in names and not isinstance(e, probe.ProbeError):
-                captured.write(traceback.format_exc(limit=-3))
+            if "CheckFailed" not in names and not isinstance(e, (probe.ProbeError, NameError)) \
+                    and not learner_tb:
+                # a failure of the check itself (not of the learner's code): for the instructor,
+                # on the judge's stderr; the feedback never shows the check's source
+                print(traceback.format_exc(), file=real_stderr, flush=True)
         finally:
             sys.stdout, sys.stderr = real_stdout, real_stderr
         try:

@@ -718,7 +718,8 @@ def grade_submission(sub: Submission, sources: dict[str, Source], *, cell_timeou
                         "into the grader's channel) while this exercise was checked: " + text)
             else:
                 status = "failed" if err.get("check_failed") else "error"
-            message = text if err.get("check_failed") else f"{err.get('type')}: {text}\n{res.get('output', '')[-3000:]}"
+            message = text if err.get("check_failed") or err.get("type") == "NameError" else \
+                f"{err.get('type')}: {text}"
             if status != "not done":
                 message = _with_traceback(message, learner_tb)
         elif res["status"] == "timeout":
