@@ -20,8 +20,9 @@ What a graded notebook runs in, strongest first, as the platform allows:
 - **the grader as child subreaper** (prctl PR_SET_CHILD_SUBREAPER): a double-forked
   daemon re-parents to the grader instead of init, so it is found, killed and reaped.
 
-Memory: the default limit is 4 GiB per notebook; quick-mode lessons stay below about 1.5
-GiB (measured). Time limits are the grader's (per cell, per notebook).
+Memory: the default limit is 4 GiB per notebook; every solved lesson grades under it in
+quick mode (the peak per lesson was not measured). Time limits are the grader's (per cell,
+per notebook).
 """
 
 from __future__ import annotations
