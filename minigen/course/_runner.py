@@ -1,85 +1,27 @@
-"""The grader's child process: run a notebook's cells in an IPython shell, report over a private pipe.
+"""The grader's worker process: run a notebook's cells in an IPython shell, serve probes.
 
-Started by minigen.course.grader in a fresh temporary directory, never by hand. It reads one
-JSON job from stdin (the cells, a random token, the number of the inherited pipe fd), then
-stdin is closed so the notebook cannot read it. For each cell it writes a JSON line prefixed
-with the token to the pipe: {"ev": "start", "i": i} before and {"ev": "end", ...} after.
-Student code prints into capped buffers, so printing "passed" or writing files forges
-nothing, and output is bounded in memory.
+Started by minigen.course.grader in a fresh temporary directory (as an unprivileged user
+when the grader runs as root), never by hand. It reads one JSON job from stdin (the cells,
+a random token, the numbers of the inherited result pipe and probe socket), then stdin is
+closed. For each cell it writes a JSON line prefixed with the token to the pipe:
+{"ev": "start", "i": i} before and {"ev": "end", ...} after. Learner code prints into
+capped buffers, so printing "passed" or writing files forges nothing, and output is
+bounded in memory.
 
-Before each canonical check cell the check modules are imported afresh and the notebook's
-aliases (`check`) rebound to them, and selected attributes of torch/builtins that the
-notebook changed are put back, so monkeypatching the checks does not change a grade.
+Check cells do not run here. At a check cell the worker answers probes from the trusted
+judge (minigen.course._judge, minigen.course.probe) until the judge says the cell is over;
+the verdict is the judge's, so nothing this process reports can raise a score.
 """
 
 from __future__ import annotations
 
-import builtins
-import importlib
-import io
 import json
 import os
 import signal
 import sys
 import traceback
 
-HEAD, TAIL = 4_000, 16_000  # characters of output kept per cell (beginning and end)
-
-
-class CappedWriter(io.TextIOBase):
-    """A text stream that keeps the first HEAD and the last TAIL characters and counts the rest."""
-
-    def __init__(self):
-        self.head, self.tail, self.dropped = [], "", 0
-        self.head_len = 0
-
-    def writable(self):
-        return True
-
-    def write(self, s):
-        if not isinstance(s, str):
-            s = str(s)
-        n = len(s)
-        if self.head_len < HEAD:
-            take = s[: HEAD - self.head_len]
-            self.head.append(take)
-            self.head_len += len(take)
-            s = s[len(take):]
-        if s:
-            joined = self.tail + s
-            if len(joined) > TAIL:
-                self.dropped += len(joined) - TAIL
-                joined = joined[-TAIL:]
-            self.tail = joined
-        return n
-
-    def flush(self):
-        pass
-
-    def isatty(self):
-        return False
-
-    def getvalue(self) -> str:
-        mid = f"\n[... {self.dropped} characters of output not kept ...]\n" if self.dropped else ""
-        return "".join(self.head) + mid + self.tail
-
-
-def _restore(snap) -> list[str]:
-    """Put back module attributes the notebook replaced or deleted; returns their names."""
-    changed = []
-    for m, saved in snap.values():
-        current = vars(m)
-        for k, v in saved.items():
-            if current.get(k, _MISSING) is not v:
-                try:
-                    setattr(m, k, v)
-                    changed.append(f"{getattr(m, '__name__', '?')}.{k}")
-                except (AttributeError, TypeError):
-                    pass
-    return changed
-
-
-_MISSING = object()
+from minigen.course.probe import CappedWriter  # noqa: E402
 
 
 def main() -> None:
@@ -98,9 +40,12 @@ def main() -> None:
         except (OSError, ValueError):  # the notebook closed our pipe; the parent sees EOF
             pass
 
-    import torch  # noqa: F401  (imported before any student code, so the snapshot is genuine)
-    import torch.nn.functional
+    import socket
+
+    import torch  # noqa: F401
     from IPython.core.interactiveshell import InteractiveShell
+
+    from minigen.course import probe
 
     shell = InteractiveShell.instance(colors="nocolor") if _accepts_colors() else InteractiveShell.instance()
     try:
@@ -108,15 +53,6 @@ def main() -> None:
     except Exception:
         pass
     shell.user_ns["__name__"] = "__main__"
-    protected = [torch, torch.nn.functional, torch.Tensor, builtins, importlib]
-    snap = {}
-    for m in protected:
-        try:
-            snap[id(m)] = (m, dict(vars(m)))
-        except TypeError:
-            pass
-    aliases = job["check_aliases"]  # {"check": "minigen.course.checks.l00"}
-
     # The parent interrupts a cell over its time limit with SIGINT. Only a running cell may
     # receive it as KeyboardInterrupt; between cells it is ignored, so a late interrupt cannot
     # kill the runner itself.
@@ -128,15 +64,35 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, on_sigint)
 
+    class learner_code:  # probes run learner code inside this: only then may SIGINT interrupt it
+        def __enter__(self):
+            in_cell[0] = True
+
+        def __exit__(self, *exc):
+            in_cell[0] = False
+            return False
+
+    peer = probe.Peer(socket.socket(fileno=job.pop("probe_fd")), trusted=False, guard=learner_code)
+    peer.namespace = shell.user_ns
+
     for cell in job["cells"]:
         i = cell["i"]
         send(ev="start", i=i)
-        restored = []
-        if cell["role"] == "check":
-            restored = _fresh_checks(shell, aliases) + _restore(snap)
         out = CappedWriter()
         sys.stdout = sys.stderr = out
         error = None
+        if cell["role"] == "check":  # the judge probes the learner's objects; nothing runs here
+            try:
+                state = torch.get_rng_state()
+                peer.serve()
+                torch.set_rng_state(state)
+            except BaseException as e:  # noqa: BLE001 - the judge went away; carry on with the next cell
+                error = {"type": type(e).__name__, "message": str(e)[:2000]}
+            finally:
+                in_cell[0] = False
+                sys.stdout, sys.stderr = real_stdout, real_stderr
+            send(ev="end", i=i, ok=error is None, error=error, output="")
+            continue
         try:
             in_cell[0] = True
             result = shell.run_cell(cell["source"], store_history=False)
@@ -160,7 +116,7 @@ def main() -> None:
             plt.close("all")
         except Exception:
             pass
-        send(ev="end", i=i, ok=error is None, error=error, output=out.getvalue(), restored=restored)
+        send(ev="end", i=i, ok=error is None, error=error, output=out.getvalue())
     send(ev="done")
 
 
@@ -173,16 +129,6 @@ def _accepts_colors() -> bool:
         return "colors" in InteractiveShell.class_trait_names()
     except Exception:
         return "colors" in inspect.signature(InteractiveShell.__init__).parameters
-
-
-def _fresh_checks(shell, aliases) -> list[str]:
-    """Import the check modules afresh from disk and rebind the notebook's names to them."""
-    for name in [n for n in list(sys.modules) if n == "minigen.course.checks" or n.startswith("minigen.course.checks.")]:
-        del sys.modules[name]
-    importlib.invalidate_caches()
-    for alias, modname in aliases.items():
-        shell.user_ns[alias] = importlib.import_module(modname)
-    return []  # rebinding is routine (a fresh module every time), not worth reporting
 
 
 if __name__ == "__main__":

@@ -313,10 +313,15 @@ def dumps(nb: dict) -> str:
 
 # ---------------------------------------------------------------------------- building
 def default_dir(name: str) -> Path:
+    """solutions/ or lessons/: in the current repository checkout, next to the package (an
+    editable install), or where a regular install puts them (<prefix>/share/minigen/NAME)."""
     here = Path.cwd() / name
     if here.is_dir() or (Path.cwd() / "minigen").is_dir():
         return here
-    return Path(__file__).resolve().parents[2] / name
+    beside = Path(__file__).resolve().parents[2] / name
+    if beside.is_dir():
+        return beside
+    return Path(sys.prefix) / "share" / "minigen" / name
 
 
 def build(solutions, lessons, *, check: bool = False, out=sys.stdout) -> int:
@@ -350,13 +355,27 @@ def build(solutions, lessons, *, check: bool = False, out=sys.stdout) -> int:
     return stale
 
 
+SKIP_MAGIC = "%%skip_when_grading"
+
+
 def export_nbgrader(solutions, course_dir, *, out=sys.stdout) -> None:
-    """Write course_dir/source/<lesson>/<lesson>.ipynb with nbgrader metadata, for `nbgrader generate_assignment`."""
-    for src_path in sorted(Path(solutions).glob("*.ipynb")):
+    """Write course_dir/source/<lesson>/<lesson>.ipynb with nbgrader metadata, for `nbgrader generate_assignment`.
+
+    Cells tagged skip-grading (training runs, plots) start with `%%skip_when_grading`, which
+    runs them normally and skips them when MINIGEN_GRADING=1, so `MINIGEN_GRADING=1
+    MINIGEN_QUICK=1 nbgrader autograde` runs only what the grade depends on.
+    """
+    solutions = Path(solutions)
+    sources = sorted(solutions.glob("*.ipynb"))
+    if not sources:
+        raise NotebookError(f"no notebooks in {solutions}")
+    for src_path in sources:
         nb = annotate(read_notebook(src_path), str(src_path), src_path.stem)
         for cell in nb["cells"]:
             if cell["cell_type"] == "code":
                 cell["outputs"], cell["execution_count"] = [], None
+                if SKIP_TAG in cell["metadata"].get("tags", []):
+                    cell["source"] = _lines(SKIP_MAGIC + "\n" + source_text(cell))
         dest = Path(course_dir) / "source" / src_path.stem / src_path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(dumps(nb), encoding="utf-8")
@@ -374,14 +393,17 @@ def main(argv=None) -> int:
     p.add_argument("--lessons", type=Path, default=None, help="output folder (default: ./lessons)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if lessons/ is out of date")
     p.add_argument("--nbgrader", type=Path, default=None, metavar="COURSE_DIR",
-                   help="also write COURSE_DIR/source/<lesson>/<lesson>.ipynb for nbgrader")
+                   help="write only COURSE_DIR/source/<lesson>/<lesson>.ipynb for nbgrader (lessons/ untouched)")
     args = p.parse_args(argv)
     solutions = args.solutions or default_dir("solutions")
     lessons = args.lessons or default_dir("lessons")
     try:
-        stale = build(solutions, lessons, check=args.check)
-        if args.nbgrader is not None:
+        if args.nbgrader is not None:  # the nbgrader export writes only COURSE_DIR
+            if args.check:
+                p.error("--check and --nbgrader do not go together")
             export_nbgrader(solutions, args.nbgrader)
+            return 0
+        stale = build(solutions, lessons, check=args.check)
     except NotebookError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
