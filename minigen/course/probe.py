@@ -557,8 +557,10 @@ class Peer:
                 renv, rpayload = _recv_msg(self.sock, deadline)
             except ProbeTimeout:
                 limit = self.timeout if self.timeout else 0
-                raise ProbeTimeout(f"your code took longer than {limit:g} s (the grader's time limit for one "
-                                   "call) and was stopped") from None
+                e = ProbeTimeout(f"your code took longer than {limit:g} s (the grader's time limit for one "
+                                 "call) and was stopped")
+                e.limit_s = limit  # the check framework names the limit in its message
+                raise e from None
             except (OSError, struct.error, ValueError) as e:
                 self.dead = f"the channel to the other process broke ({type(e).__name__})"
                 raise ProbeError(self.dead) from None
