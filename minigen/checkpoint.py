@@ -67,7 +67,15 @@ def atomic_save(obj, path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
+                if "writ" not in str(e).lower():
+                    raise
+                import shutil
+
+                code = errno.ENOSPC if shutil.disk_usage(path.parent).free < (1 << 20) else errno.EIO
+                raise OSError(code, f"{os.strerror(code)} ({str(e).splitlines()[0][-120:]})", str(path)) from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -259,10 +267,15 @@ def config_class(cls: type, fields=None) -> type:
     if dataclasses.is_dataclass(named):
         return named
     if fields is not None:
-        for obj in vars(mod).values():
-            if dataclasses.is_dataclass(obj) and isinstance(obj, type) \
-                    and {f.name for f in dataclasses.fields(obj)} == set(fields):
+        classes = [obj for obj in vars(mod).values() if dataclasses.is_dataclass(obj) and isinstance(obj, type)]
+        for obj in classes:
+            if {f.name for f in dataclasses.fields(obj)} == set(fields):
                 return obj
+        # a config with fields this minigen lacks (a newer one's): the dataclass it extends,
+        # so that `rebuild` can name the unknown fields
+        within = [obj for obj in classes if {f.name for f in dataclasses.fields(obj)} < set(fields)]
+        if within:
+            return max(within, key=lambda obj: len(dataclasses.fields(obj)))
     raise CheckpointError(f"cannot rebuild {cls.__qualname__}: no dataclass {cls.__name__}Config in {cls.__module__}")
 
 
