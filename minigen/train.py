@@ -98,6 +98,7 @@ import dataclasses
 import errno
 import json
 import math
+import numbers
 import os
 import socket
 import time
@@ -185,7 +186,7 @@ class TrainConfig:
         need(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
         for name in ("warmup_steps", "log_every", "sample_every", "ckpt_every", "num_workers"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+        need(isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool)
              and math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         self.betas = tuple(float(b) for b in self.betas)

@@ -768,3 +768,10 @@ def test_a_pickle_that_could_run_code_is_refused_as_such(tmp_path):
     torch.save({"model": Evil()}, path)
     with pytest.raises(CheckpointError, match=r"could run code.*system.*weights_only=False.*trusted source"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_a_non_finite_or_non_positive_lr_is_refused_up_front(lr):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        TrainConfig(lr=lr)
+    assert TrainConfig(lr=np.float32(1e-3)).lr == np.float32(1e-3)  # numpy numbers are numbers
