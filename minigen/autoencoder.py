@@ -101,7 +101,6 @@ class AutoEncoder(nn.Module):
 
 def build(overrides: dict, image_shape, num_classes: int) -> AutoEncoder:
     """Build from the command line: image shape from the dataset, other fields from overrides."""
-    c, h, w = image_shape
-    if h != w:
-        raise ValueError(f"AutoEncoder needs square images, got {h}x{w}")
-    return AutoEncoder(AutoEncoderConfig(in_channels=c, image_size=h, **overrides))
+    from minigen.cli import image_config
+
+    return AutoEncoder(image_config(AutoEncoderConfig, overrides, image_shape))

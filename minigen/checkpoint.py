@@ -3,9 +3,15 @@
 A minigen checkpoint is a dict saved with `torch.save` that holds only tensors and plain
 containers, so `torch.load(weights_only=True)` can read it without running pickled code:
 
-    minigen_version, model_class ("minigen.vqgan.VQGAN"), model_config (the dataclass as a
-    dict), model (state_dict), ema (EMA.state_dict() or None), optimizers, scalers, step,
-    rng (one RNG state per rank, see `rng_state`), train_config
+    format (the layout's version, `FORMAT`), minigen_version, model_class
+    ("minigen.vqgan.VQGAN"), model_config (the dataclass as a dict), model (state_dict),
+    ema (EMA.state_dict() or None), optimizers, scalers, step, rng (one RNG state per rank,
+    see `rng_state`), train_config
+
+The layout is versioned: ``format`` is 2 since it was introduced; files without it are
+format 1 (same layout, written by minigen 0.1.0 before the field existed, like the shipped
+reference checkpoints) and are migrated on load (`_MIGRATIONS`). A file from a newer minigen
+(format > `FORMAT`) is refused with a message saying to upgrade, never half-read.
 
 `fit` writes one (`save_checkpoint`) and resumes from it; `load_model` rebuilds the model
 from ``model_class`` + ``model_config`` (the CLI's `sample`, the latent diffusion model's
@@ -14,19 +20,23 @@ class's import path, so a class keeps loading as long as that path imports: a mo
 moves a model class must leave its name importable from the old module.
 
 Every file written here is written atomically (`atomic_save`): a temporary file in the same
-folder, flushed and fsynced, then renamed over the target, so a crash never leaves a
-half-written checkpoint or cache file where a good one was.
+folder (``.NAME.tmp-PID-XXXXXXXX``), flushed and fsynced, then renamed over the target, so a
+crash never leaves a half-written checkpoint or cache file where a good one was. A process
+killed mid-write leaves its temporary file; `remove_stale_temp_files` (called by `fit` once
+it holds the run directory's lock) deletes those whose writing process is gone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib
 import os
 import random
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +44,7 @@ import torch
 import torch.nn as nn
 
 CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = 2  # the checkpoint layout this minigen writes; it reads 1..FORMAT
 
 
 class CheckpointError(ValueError):
@@ -46,16 +57,25 @@ class CheckpointError(ValueError):
 def atomic_save(obj, path) -> None:
     """`torch.save(obj)` to `path` atomically: a crash mid-write never leaves a broken file.
 
-    The bytes go to a uniquely named temporary file in the same folder (so concurrent writers
-    never share one), are flushed and fsynced, and the file is renamed over `path` (os.replace
+    The bytes go to a uniquely named temporary file in the same folder, ``.NAME.tmp-PID-XXXX``
+    (so concurrent writers never share one, and a later run can tell whether its writer is
+    still alive), are flushed and fsynced, and the file is renamed over `path` (os.replace
     is atomic on POSIX and Windows); the folder is then fsynced so the rename itself is durable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
+                if "writ" not in str(e).lower():
+                    raise
+                import shutil
+
+                code = errno.ENOSPC if shutil.disk_usage(path.parent).free < (1 << 20) else errno.EIO
+                raise OSError(code, f"{os.strerror(code)} ({str(e).splitlines()[0][-120:]})", str(path)) from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,8 +91,52 @@ def atomic_save(obj, path) -> None:
 
 
 def save_checkpoint(path, state: dict) -> None:
-    """Write a checkpoint dict with `atomic_save`."""
-    atomic_save(state, path)
+    """Write a checkpoint dict with `atomic_save`, stamped with the layout's `FORMAT`."""
+    atomic_save({"format": FORMAT, **state}, path)
+
+
+# .checkpoint.pt.tmp-1234-abcd1234 (now) and .checkpoint.pt.abcd1234.tmp (minigen 0.1.0, no PID)
+_TEMP_WITH_PID = re.compile(r"^\..+\.tmp-(\d+)-[^/]+$")
+_TEMP_LEGACY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_LEGACY_QUIET_S = 600  # a live writer keeps touching its file; one untouched this long is dead
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder) -> list[Path]:
+    """Delete the temporary files of writes that were killed before their rename; -> the removed.
+
+    A file named by `atomic_save` carries its writer's PID: it is removed only if no process
+    with that PID is alive (a live one may still be writing it: a concurrent writer, or a
+    reused PID, is left alone). Files of the older PID-less naming are removed only if nothing
+    touched them for 10 minutes. `fit` calls this for its out_dir while it holds the run lock,
+    so no other minigen run is writing checkpoints there.
+    """
+    removed = []
+    now = time.time()
+    for p in Path(folder).iterdir():
+        m = _TEMP_WITH_PID.match(p.name)
+        try:
+            if m:
+                stale = int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+            elif _TEMP_LEGACY.match(p.name):
+                stale = now - p.stat().st_mtime > _LEGACY_QUIET_S
+            else:
+                continue
+            if stale and p.is_file():
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+    return removed
 
 
 def class_name(obj) -> str:
@@ -119,13 +183,16 @@ def load_checkpoint(path, *, expected_model=None, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip reader errors, EOFError, UnpicklingError, ...
         msg = str(e)
-        if "Unsupported global" in msg:  # a pickle of arbitrary Python objects
+        if re.search(r"GLOBAL \S+|Unsupported global", msg):
+            # a pickle of arbitrary Python objects: unpickling it would import and call them
             found = re.search(r"GLOBAL (\S+)", msg)
             raise CheckpointError(
-                f"{path} is not a minigen checkpoint: it contains Python objects "
-                f"({found.group(1) if found else 'a class'}) that torch.load(weights_only=True) "
-                f"refuses to unpickle. minigen checkpoints hold only tensors and plain containers; "
-                f"load other files only if you trust them."
+                f"{path} is not a minigen checkpoint, and loading it could run code: it contains "
+                f"Python objects ({found.group(1) if found else 'a class or function'}) that "
+                f"torch.load(weights_only=True) refused to unpickle. minigen checkpoints hold only "
+                f"tensors and plain containers. torch's advice: torch.load(path, weights_only=False) "
+                f"would likely load it but can execute arbitrary code; do that only if you got the "
+                f"file from a trusted source."
             ) from None
         detail = next((l.strip() for l in msg.splitlines() if "error" in l.lower()), msg.splitlines()[0] if msg else "")
         raise CheckpointError(
@@ -138,6 +205,7 @@ def load_checkpoint(path, *, expected_model=None, map_location="cpu") -> dict:
             f"{path} is not a minigen checkpoint (it holds {what}). If it is a plain state_dict, "
             f"use model.load_state_dict(torch.load(path, weights_only=True))."
         )
+    ckpt = _migrate(ckpt, path)
     if expected_model is not None:
         expected = expected_model if isinstance(expected_model, str) else class_name(expected_model)
         if not _same_class(ckpt["model_class"], expected):
@@ -145,6 +213,37 @@ def load_checkpoint(path, *, expected_model=None, map_location="cpu") -> dict:
                 f"{path} is a checkpoint of {ckpt['model_class']}, not of {expected}. "
                 f"Use the matching model class, or another out_dir/path."
             )
+    return ckpt
+
+
+def _from_format_1(ckpt: dict) -> dict:
+    """Format 1 (minigen 0.1.0 before versioning) had the same fields, only no ``format``."""
+    return {**ckpt, "format": 2}
+
+
+_MIGRATIONS = {1: _from_format_1}  # format n -> a function returning the dict in format n + 1
+
+
+def _migrate(ckpt: dict, path) -> dict:
+    """Bring a loaded checkpoint to `FORMAT`, or refuse one this minigen cannot read."""
+    import minigen
+
+    fmt = ckpt.get("format", 1)
+    if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
+        raise CheckpointError(f"{path} has checkpoint format {fmt!r}, which no minigen writes "
+                              f"(formats are 1..{FORMAT}); the file is damaged or not from minigen")
+    if fmt > FORMAT:
+        raise CheckpointError(
+            f"{path} was written by minigen {ckpt.get('minigen_version', '?')} (checkpoint format "
+            f"{fmt}); this is minigen {minigen.__version__}, which reads formats up to {FORMAT}: "
+            f"upgrade minigen (pip install -U minigen) to load it")
+    while fmt < FORMAT:
+        if fmt not in _MIGRATIONS:
+            raise CheckpointError(f"{path} has checkpoint format {fmt}, which this minigen "
+                                  f"{minigen.__version__} can no longer read; load it with an older "
+                                  f"minigen and save it again")
+        ckpt = _MIGRATIONS[fmt](ckpt)
+        fmt = ckpt["format"]
     return ckpt
 
 
@@ -168,10 +267,15 @@ def config_class(cls: type, fields=None) -> type:
     if dataclasses.is_dataclass(named):
         return named
     if fields is not None:
-        for obj in vars(mod).values():
-            if dataclasses.is_dataclass(obj) and isinstance(obj, type) \
-                    and {f.name for f in dataclasses.fields(obj)} == set(fields):
+        classes = [obj for obj in vars(mod).values() if dataclasses.is_dataclass(obj) and isinstance(obj, type)]
+        for obj in classes:
+            if {f.name for f in dataclasses.fields(obj)} == set(fields):
                 return obj
+        # a config with fields this minigen lacks (a newer one's): the dataclass it extends,
+        # so that `rebuild` can name the unknown fields
+        within = [obj for obj in classes if {f.name for f in dataclasses.fields(obj)} < set(fields)]
+        if within:
+            return max(within, key=lambda obj: len(dataclasses.fields(obj)))
     raise CheckpointError(f"cannot rebuild {cls.__qualname__}: no dataclass {cls.__name__}Config in {cls.__module__}")
 
 
@@ -201,8 +305,18 @@ def rebuild(ckpt: dict, where="the checkpoint") -> nn.Module:
     cfg = ckpt.get("model_config")
     if cfg is None:
         raise CheckpointError(f"{where} has no model config; it was saved from a model without a dataclass `config`")
-    model = cls(config=config_class(cls, cfg)(**cfg))
-    model.load_state_dict(model_state(ckpt))
+    config_cls = config_class(cls, cfg)
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(config_cls)})
+    if unknown:
+        raise CheckpointError(
+            f"{where} has model_config field(s) {unknown} that this minigen's {config_cls.__name__} "
+            f"does not know: it was written by another minigen (its minigen_version: "
+            f"{ckpt.get('minigen_version', '?')}). Load it with that version, or upgrade minigen")
+    try:
+        model = cls(config=config_cls(**cfg))
+        model.load_state_dict(model_state(ckpt))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{where} cannot be rebuilt as a {qualname}: {e}") from None
     return model
 
 
@@ -274,7 +388,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
-__all__ = ["CHECKPOINT_NAME", "CheckpointError", "atomic_save", "save_checkpoint", "load_checkpoint",
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "CheckpointError", "atomic_save", "save_checkpoint", "load_checkpoint",
+           "remove_stale_temp_files",
            "class_name", "model_header", "import_class", "config_class", "model_state", "rebuild", "resolve",
            "load_model",
            "file_sha256", "weights_hash", "rng_state", "set_rng_state"]

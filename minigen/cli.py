@@ -12,14 +12,21 @@
     minigen lessons build                  # regenerate lessons/ from solutions/
     minigen grade submissions/*.ipynb --out grades.csv
 
-Every subcommand has --help. Bad arguments exit with status 2 and say what to do.
+Every subcommand has --help. A mistake in the command exits with status 2, a problem of the
+environment (read-only or full disk, the run folder in use, a run that diverged) with status 1;
+either way one message says what was wrong and what to do. --debug (or MINIGEN_DEBUG=1) shows
+the traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import errno
 import importlib
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -41,14 +48,17 @@ def image_config(config_cls, overrides, image_shape, **defaults):
     in_channels=C and image_size=H, then the model's `defaults` for this shape, then the
     --set `overrides`, which must name fields of `config_cls`.
     """
-    import dataclasses
-
     name = config_cls.__name__.removesuffix("Config")
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"{name} needs square images, got {h}x{w}")
     overrides = dict(overrides or {})
     valid = {f.name for f in dataclasses.fields(config_cls)}
+    for key in ("in_channels", "image_size"):
+        if key in overrides:
+            raise ValueError(f"{key} comes from the data ({c if key == 'in_channels' else h} here) and cannot "
+                             f"be set; " + ("resize the images with --size instead (size= in Python)"
+                                            if key == "image_size" else "convert the images instead"))
     unknown = set(overrides) - valid
     if unknown:
         raise TypeError(f"unknown {name} option(s) {sorted(unknown)}; valid: {sorted(valid)}")
@@ -57,6 +67,108 @@ def image_config(config_cls, overrides, image_shape, **defaults):
 
 class UsageError(Exception):
     """Bad input from the command line: reported without a traceback, exit status 2."""
+
+
+class EnvironmentProblem(Exception):
+    """The command is fine but the machine is not (read-only or full disk, folder in use, a
+    diverged run): reported without a traceback, exit status 1."""
+
+
+# ---------------------------------------------------------------------------- argument types
+# argparse reports a failed type check as "argument --n: ..." with exit status 2.
+
+def _int_at_least(low: int, hint: str = ""):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}{hint}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, low_open=True, high_open=True, what=""):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return v
+    parse.__name__ = "float"
+    return parse
+
+
+def _config_fields(mod) -> dict:
+    """field name -> default, over the config dataclasses a model module builds from (for
+    checking --set values; keys not found here are left to the module's build)."""
+    out = {}
+    for obj in vars(mod).values():
+        if isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__name__.endswith("Config"):
+            for f in dataclasses.fields(obj):
+                if f.default is not dataclasses.MISSING:
+                    out.setdefault(f.name, f.default)
+    return out
+
+
+def _check_override(key, value, default) -> None:
+    """A --set value must have its field's type (and sign, for counts): a clear message here
+    instead of an error from deep inside a layer constructor."""
+    shown = f"--set {key}={value!r}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UsageError(f"{shown}: {key} is True or False (default {default})")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{shown}: {key} must be a whole number (default {default})")
+        if default > 0 and value < 1:
+            raise UsageError(f"{shown}: {key} must be at least 1 (default {default})")
+        if default == 0 and value < 0:
+            raise UsageError(f"{shown}: {key} must be at least 0 (default {default})")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"{shown}: {key} must be a finite number (default {default})")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise UsageError(f"{shown}: {key} must be a string (default {default!r})")
+    elif isinstance(default, tuple):
+        if not isinstance(value, (tuple, list)):
+            raise UsageError(f"{shown}: {key} must be a tuple such as {default} (write it without spaces, "
+                             f"or quote it)")
+
+
+def _environment_error(e: OSError, flag: str, path, doing: str) -> Exception:
+    """An OSError while writing `path` (given by `flag`) -> the error to report: a path that
+    cannot be right is the command's mistake (2); anything else is the machine's (1)."""
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        return UsageError(f"{flag} {path}: cannot {doing} ({why}: {e.filename or path}); "
+                          f"a part of that path is a file, not a folder: choose another {flag}")
+    hint = {errno.ENOSPC: "the disk is full: free some space, or choose another",
+            errno.EDQUOT: "your disk quota is used up: free some space, or choose another",
+            errno.EROFS: "the file system is read-only: choose a writable",
+            errno.EACCES: "you may not write there: choose a writable",
+            errno.EPERM: "you may not write there: choose a writable"}.get(e.errno, "choose another")
+    return EnvironmentProblem(f"{flag} {path}: cannot {doing} ({why}); {hint} {flag}")
+
+
+def _check_writable_folder(flag: str, folder: Path) -> None:
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file; {flag} names the run folder (checkpoint, log, "
+                         f"samples): choose a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise _environment_error(e, flag, folder, "write the run folder") from None
 
 
 def _available_models() -> dict:
@@ -78,9 +190,12 @@ def _parse_overrides(pairs) -> dict:
             raise UsageError(f"--set expects key=value, got {pair!r} (example: --set latent_dim=16)")
         key, value = pair.split("=", 1)
         try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value  # a bare string such as a schedule name
+            v = ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            v = value  # a bare string such as a schedule name
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"--set {key.strip()}={value}: a setting must be a finite number")
+        out[key.strip()] = v
     return out
 
 
@@ -126,16 +241,30 @@ def cmd_train(args) -> int:
         known = ", ".join(models) or "(none installed)"
         raise UsageError(f"unknown model {args.model!r}; available: {known}")
     mod, _, _ = models[args.model]
+    overrides = _parse_overrides(args.set)
+    known = _config_fields(mod)
+    for key, value in overrides.items():
+        if key in ("image_size", "in_channels", "image_shape"):
+            raise UsageError(f"--set {key}: the image size and channels come from the data; use --size N to "
+                             f"resize the images to N x N")
+        if key in known:
+            _check_override(key, value, known[key])
+    out = Path(args.out)
+    _check_writable_folder("--out", out)  # before the data loads: fail in a second, not a minute
     ds = data.load_dataset(args.data, split="train", size=args.size)
     if args.n_train is not None:
         ds = ds.head(args.n_train)
-    overrides = _parse_overrides(args.set)
     # a module whose build takes the dataset (ldm: vocabulary, latent scale) gets it
     extra = {"dataset": ds} if "dataset" in inspect.signature(mod.build).parameters else {}
+    # --seed fixes the starting weights: the model is built from freshly seeded generators
+    # (fit seeds them again, with the rank, before the first step)
+    runtime.set_seed(args.seed)
     try:
         model = mod.build(overrides, tuple(ds.image_shape), len(ds.classes), **extra)
-    except TypeError as e:
-        raise UsageError(f"bad --set for {args.model}: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:
+        if not overrides:
+            raise
+        raise UsageError(f"bad --set for {args.model} ({' '.join(args.set)}): {e}") from None
     # a model that trains on something other than the images (ldm: cached latents + tokens)
     train_data = model.training_data(ds) if hasattr(model, "training_data") else ds
     defaults = {**_TRAIN_DEFAULTS, **getattr(mod, "TRAIN_DEFAULTS", {})}
@@ -153,7 +282,18 @@ def cmd_train(args) -> int:
     say = print if runtime.dist_env()[1] == 0 else (lambda *a, **k: None)
     say(f"training {args.model} ({what}) on {args.data} "
         f"({len(ds)} images {tuple(ds.image_shape)}) for {cfg.steps} steps -> {args.out}")
-    result = train.fit(model, train_data, cfg)
+    try:
+        result = train.fit(model, train_data, cfg)
+    except train.RunLockedError as e:
+        raise EnvironmentProblem(str(e)) from None
+    except FloatingPointError as e:
+        raise EnvironmentProblem(f"{e} On the command line: a lower --lr (now {cfg.lr:g}) or a longer "
+                                 f"--warmup (now {cfg.warmup_steps}), with the same --out.") from None
+    except OSError as e:
+        err = _environment_error(e, "--out", out, f"write {e.filename or 'the run'}")
+        if isinstance(err, EnvironmentProblem):  # training stopped mid-way: say how to continue
+            err = EnvironmentProblem(f"{err}; the same command then resumes from the last checkpoint")
+        raise err from None
     last = result.history[-1] if result.history else {}
     say(f"done at step {result.step}; last loss {last.get('loss', float('nan')):.4f}; "
         f"checkpoint in {Path(args.out) / 'checkpoint.pt'}")
@@ -177,6 +317,9 @@ def cmd_sample(args) -> int:
     from minigen.checkpoint import resolve
 
     path = resolve(args.checkpoint)  # a run folder means its checkpoint.pt
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; --out names the PNG file to write, e.g. --out {out / 'samples.png'}")
     device = train.select_device(args.device)
     model, ckpt = load_model(path, device)
     torch.manual_seed(args.seed)
@@ -198,8 +341,13 @@ def cmd_sample(args) -> int:
             raise UsageError(f"{type(model).__name__} does not accept {sorted(kwargs)}: {e}") from None
     for w in {str(w.message): w for w in caught}.values():  # e.g. unknown words in the prompt
         print(f"minigen sample: warning: {w.message}", file=sys.stderr)
-    out = Path(args.out)
-    plot.save_grid(x, out, nrow=int(args.n ** 0.5 + 0.999), scale=2)
+    if not torch.isfinite(x).all():
+        raise EnvironmentProblem(f"the model produced non-finite samples from {path}: its weights are broken; "
+                                 "use an earlier checkpoint or train again")
+    try:
+        plot.save_grid(x, out, nrow=int(args.n ** 0.5 + 0.999), scale=2)
+    except OSError as e:
+        raise _environment_error(e, "--out", out, "write the samples") from None
     print(f"{args.n} samples from {path} (step {ckpt.get('step')}) -> {out}")
     return 0
 
@@ -229,55 +377,65 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Run `minigen COMMAND --help` for the options of a command.")
     p.add_argument("--version", action="version", version=f"minigen {_version()}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error too (also MINIGEN_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    # --debug after the command works too (SUPPRESS: absent there, the top-level value stays)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error too (also MINIGEN_DEBUG=1)")
 
-    d = sub.add_parser("datasets", help="list the datasets or preview one as a PNG grid")
+    d = sub.add_parser("datasets", parents=[common], help="list the datasets or preview one as a PNG grid")
     d.add_argument("action", nargs="?", choices=["list", "preview"], help="list (default) or preview")
     d.add_argument("name", nargs="?", help="dataset name or image folder (for preview)")
     d.add_argument("--split", default="train", choices=["train", "test"])
-    d.add_argument("--n", type=int, default=64, help="number of images in the grid")
-    d.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE")
+    d.add_argument("--n", type=_int_at_least(1), default=64, help="number of images in the grid")
+    d.add_argument("--size", type=_int_at_least(1), default=None, help="resize to SIZE x SIZE")
     d.add_argument("--out", default=None, help="PNG path (default NAME_preview.png)")
     d.set_defaults(func=cmd_datasets)
 
-    t = sub.add_parser("train", help="train a model on a dataset or a folder of images")
+    t = sub.add_parser("train", parents=[common], help="train a model on a dataset or a folder of images")
     t.add_argument("model", help=f"one of: {', '.join(MODELS)}")
     t.add_argument("--data", default="shapes", help="shapes, digits, mnist, fashion-mnist, cifar10 or a folder")
-    t.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE")
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000, or the model module's TRAIN_DEFAULTS, e.g. minigen.ldm)")
-    t.add_argument("--batch-size", type=int, default=None, help="default 64")
-    t.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4 or the model's TRAIN_DEFAULTS)")
-    t.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps (default 0 or the model's TRAIN_DEFAULTS)")
+    t.add_argument("--size", type=_int_at_least(1), default=None, help="resize images to SIZE x SIZE")
+    t.add_argument("--steps", type=_int_at_least(0), default=None, help="optimizer steps (default 2000, or the model module's TRAIN_DEFAULTS, e.g. minigen.ldm)")
+    t.add_argument("--batch-size", type=_int_at_least(1), default=None, help="default 64")
+    t.add_argument("--lr", type=_float_in(0, what="a finite number > 0"), default=None, help="learning rate (default 2e-4 or the model's TRAIN_DEFAULTS)")
+    t.add_argument("--warmup", type=_int_at_least(0), default=None, help="learning-rate warm-up steps (default 0 or the model's TRAIN_DEFAULTS)")
     t.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear"],
                    help="learning-rate schedule (default constant or the model's TRAIN_DEFAULTS)")
-    t.add_argument("--n-train", type=int, default=None, metavar="N", help="train on the first N images only")
-    t.add_argument("--ema", type=float, default=None, help="EMA decay of the weights, e.g. 0.999")
+    t.add_argument("--n-train", type=_int_at_least(1), default=None, metavar="N", help="train on the first N images only")
+    t.add_argument("--ema", type=_float_in(0, 1, low_open=False, what="in [0, 1), e.g. 0.999"), default=None,
+                   help="EMA decay of the weights, e.g. 0.999")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoint, log, samples); "
-                   "an existing checkpoint there is resumed")
+                   "an existing checkpoint there is resumed, and one run at a time may use it")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--sample-every", type=int, default=0)
-    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--seed", type=_int_at_least(0), default=0,
+                   help="seeds the starting weights and the training run: same command, same model")
+    t.add_argument("--sample-every", type=_int_at_least(0), default=0)
+    t.add_argument("--ckpt-every", type=_int_at_least(0), default=500)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config field, repeatable")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="draw samples from a trained checkpoint into a PNG grid")
+    s = sub.add_parser("sample", parents=[common], help="draw samples from a trained checkpoint into a PNG grid")
     s.add_argument("checkpoint", help="checkpoint.pt or its run directory")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=_int_at_least(1), default=64, help="number of samples")
     s.add_argument("--out", default="samples.png")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_int_at_least(0), default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--prompt", default=None, help="text prompt (latent diffusion)")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    s.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion)")
+    s.add_argument("--guidance", type=_float_in(-math.inf, what="a finite number"), default=None,
+                   help="classifier-free guidance scale")
+    s.add_argument("--steps", type=_int_at_least(1, "; leave --steps out for the model's default"),
+                   default=None, help="sampling steps (diffusion; default: the model's)")
     s.set_defaults(func=cmd_sample)
 
-    tr = sub.add_parser("tour", help="train every model family briefly on built-in data; write a report")
+    tr = sub.add_parser("tour", parents=[common], help="train every model family briefly on built-in data; write a report")
     tr.add_argument("--out", default="tour", help="output folder for the report and images")
     tr.add_argument("--quick", action="store_true", help="tiny budgets (also MINIGEN_QUICK=1)")
     tr.add_argument("--device", default="auto")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=_int_at_least(0), default=0)
     tr.set_defaults(func=cmd_tour)
 
     ls = sub.add_parser("lessons", help="lesson tools: `minigen lessons build [--check]`", add_help=False)
@@ -310,19 +468,29 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    debug = getattr(args, "debug", False) or os.environ.get("MINIGEN_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
-        print(f"minigen {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input (unknown dataset, broken image folder, missing checkpoint): the message
-        # already says what to do; a traceback would only hide it.
-        print(f"minigen {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        # Bad input (unknown dataset, broken image folder, missing or foreign checkpoint): the
+        # message already says what to do; a traceback would only hide it.
+        return _report(args.command, e, 2, debug)
+    except (EnvironmentProblem, OSError) as e:
+        return _report(args.command, e, 1, debug)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint on disk is intact", file=sys.stderr)
         return 130
+
+
+def _report(command: str, e: BaseException, status: int, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exception(e)
+    msg = str(e) if not isinstance(e, OSError) or not e.strerror else \
+        f"{e.strerror}: {e.filename or ''} (the command could not read or write a file it needs)"
+    print(f"minigen {command}: error: {msg}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

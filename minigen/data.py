@@ -255,22 +255,41 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _FOLDER_CACHE: dict = {}   # decoded folders, so a second load_dataset(path) does not decode again
 
 
+class _Unreadable(Exception):
+    """An image file that cannot be decoded; the message says why."""
+
+
+# 16-bit greyscale modes and the value of their brightest pixel: Pillow's convert("L") would
+# clip them at 255 instead of scaling (a 0..65535 gradient turns white). (PNG stores 16-bit
+# colour as RGB/RGBA, which Pillow already reduces to 8 bits by scaling.)
+_WIDE_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
 def _decode_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image file -> uint8 (channels, size, size): shorter side resized to `size`
+    (anti-aliased bicubic), centre-cropped. 8-bit, 16-bit grey (scaled, not clipped: 65535 ->
+    255), palette, grey, RGBA/LA (composited on white), CMYK. Raises _Unreadable."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)  # phone photos store their rotation in EXIF
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            if im.mode in _WIDE_GREY:
+                # PNG stores 16-bit grey as I;16 (or I in older Pillow): keep it in float
+                # through the resize, and scale its full range onto 0..255
+                a = np.asarray(im, dtype=np.float32) * (255.0 / _WIDE_GREY[im.mode])
+                im = Image.fromarray(a.astype(np.float32), mode="F")
+            elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # transparent pixels would otherwise become whatever colour they store
                 im = im.convert("RGBA")
                 white = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(white, im)
-            im = im.convert("RGB" if channels == 3 else "L")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}. The file is broken or not really "
-                         "a PNG/JPEG; delete or replace it (or move it out of the folder) and retry") from None
+            if im.mode != "F":
+                im = im.convert("RGB" if channels == 3 else "L")
+    except (OSError, ValueError, SyntaxError, TypeError, Image.DecompressionBombError) as e:
+        why = str(e).replace(repr(str(path)), "").replace(str(path), "").strip(" :")  # the name is shown already
+        raise _Unreadable(f"{type(e).__name__}: {why[:100]}" if why else type(e).__name__) from None
     # resize so the shorter side is `size` (Pillow's resize filters are anti-aliased), then centre-crop
     w, h = im.size
     s = size / min(w, h)
@@ -278,6 +297,9 @@ def _decode_image(path: Path, size: int, channels: int) -> np.ndarray:
     im = im.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     im = im.crop((left, top, left + size, top + size))
+    if im.mode == "F":  # wide grey: round to 8 bits, then as many channels as asked
+        a = np.clip(np.rint(np.asarray(im, dtype=np.float32)), 0, 255).astype(np.uint8)
+        return np.repeat(a[None], channels, axis=0)
     a = np.asarray(im, dtype=np.uint8)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
@@ -334,9 +356,30 @@ def _load_folder(folder: Path, split: str, size: int, channels: int) -> ImageDat
     hit = _FOLDER_CACHE.get(key)
     if hit is not None and hit[0] == signature:
         return hit[1]
-    images = torch.from_numpy(np.stack([_decode_image(p, size, channels) for p, _ in files]))
-    labels = torch.tensor([label for _, label in files], dtype=torch.long)
-    ds = ImageDataset(str(folder), images, labels, [name for name, _ in groups])
+    decoded, bad = [], []
+    for p, label in files:
+        try:
+            decoded.append((_decode_image(p, size, channels), label))
+        except _Unreadable as e:
+            bad.append((p, str(e)))
+    if bad:
+        shown = "; ".join(f"{p.relative_to(folder)} ({why})" for p, why in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        if not decoded:
+            raise ValueError(f"none of the {len(files)} image file(s) in {folder} could be read: {shown}{more}. "
+                             "They are broken or not really PNG/JPEG; replace them with readable images")
+        warnings.warn(f"skipped {len(bad)} of {len(files)} image file(s) in {folder} that could not be read "
+                      f"(broken, or not really PNG/JPEG): {shown}{more}. Training uses the other "
+                      f"{len(decoded)}; delete or replace these to silence this warning")
+    # a class whose images were all unreadable is dropped; labels stay 0..K-1 in folder order
+    used = sorted({label for _, label in decoded})
+    if len(used) < len(groups):
+        gone = [groups[i][0] for i in range(len(groups)) if i not in used]
+        warnings.warn(f"class folder(s) {gone} in {folder} have no readable image left; those classes are dropped")
+    relabel = {old: new for new, old in enumerate(used)}
+    images = torch.from_numpy(np.stack([a for a, _ in decoded]))
+    labels = torch.tensor([relabel[label] for _, label in decoded], dtype=torch.long)
+    ds = ImageDataset(str(folder), images, labels, [groups[i][0] for i in used])
     _FOLDER_CACHE[key] = (signature, ds)
     return ds
 
@@ -393,8 +436,9 @@ def load_dataset(name, split: str = "train", *, size: int | None = None, n: int 
 
     A dataset name wins over a folder of the same name in the working directory; write
     "./shapes" to mean the folder. An image folder may contain one sub-folder per class (labels follow the sorted folder
-    names) or only images (all label 0, class "images"). Files that are not PNG/JPEG are
-    skipped with a warning; a broken image raises a ValueError naming the file.
+    names) or only images (all label 0, class "images"). Files that are not PNG/JPEG, and image
+    files that cannot be decoded, are skipped with one warning each kind (how many, the first
+    few by name, why); only a folder with no readable image left raises a ValueError.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

@@ -84,8 +84,12 @@ def save_grid(x, path, nrow: int = 8, padding: int = 2, scale: int = 1, pad_valu
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(grid).save(tmp, format="PNG")
+        os.replace(tmp, path)  # fails if `path` is a folder: then no stray .tmp is left behind
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -27,20 +27,30 @@ What `fit` handles, in the order a step meets it:
   update. Each optimizer gets the LR schedule (warm-up, then constant/cosine/linear decay,
   applied as a factor on each param group's own lr) and its own gradient clipping.
 - EMA of the weights (`EMA`), kept in fp32, saved in the checkpoint, returned as `TrainResult.ema`.
+- one run per ``out_dir``: `fit` holds ``out_dir/.lock`` (an flock, which the OS releases when
+  the process dies, even by kill -9) while it runs; a second run on the same folder stops with
+  RunLockedError naming the first one's PID. Holding it, `fit` deletes the temporary files
+  that killed checkpoint writes left there (`checkpoint.remove_stale_temp_files`).
 - logging: a tqdm bar (loss, images/s), ``out_dir/log.jsonl`` every ``log_every`` steps
   (step, loss and the model's metrics averaged over the interval, lr, img_per_s, elapsed; with
-  several optimizers ``loss_<name>`` and ``lr_<name>``),
+  several optimizers ``loss_<name>`` and ``lr_<name>``; the file is only appended to, with a
+  marker line where a run resumes or a new run starts, see `read_log`),
   sample grids ``out_dir/samples/step_XXXXXX.png`` from ``model.sample_images(n)`` (drawn with a
   fixed seed and the EMA weights when there are any, in a forked RNG so that sampling never
   changes the training run).
-- a NaN/inf loss stops the run with an error naming the step; checkpoints are written only
-  after the losses up to that step were checked, so the last good one on disk stays good.
+- a NaN/inf loss stops the run with an error naming the step and what to try. The loss of
+  step s is computed from the weights that update s - 1 made, so a checkpoint due after
+  step s is held (copied to the CPU) until step s + 1's loss, computed from its weights, is
+  known to be finite, and only then written; the last step's checkpoint is written once its
+  weights and optimizer state are checked finite. The checkpoint on disk therefore never
+  holds weights that gave a NaN: training again from it with a lower lr continues cleanly.
 - checkpoints: ``out_dir/checkpoint.pt``, written atomically every ``ckpt_every`` steps and at
   the end. If ``out_dir`` already holds one, `fit` resumes from it: model, EMA, optimizers,
   grad scalers, step and every RNG (torch, cuda, numpy, python), so an interrupted run ends with
   bit-identical weights to an uninterrupted one on the same machine. The config passed to the
-  resuming call is the one used from then on (pass a larger ``steps`` to train longer; note
-  that a cosine/linear schedule is defined over ``steps``).
+  resuming call is the one used from then on, the optimizers' hyperparameters included (pass
+  a larger ``steps`` to train longer, a lower ``lr`` after a NaN; note that a cosine/linear
+  schedule is defined over ``steps``).
 
 Speed on a CPU: `fit` raises glibc malloc's mmap and trim thresholds once per process
 (`minigen.runtime.tune_malloc`; opt out with ``MINIGEN_NO_MALLOPT=1``), so activation buffers are reused
@@ -85,9 +95,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
+import numbers
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -99,15 +112,25 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
+try:
+    import fcntl  # the run lock; POSIX only (on Windows runs are not locked)
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 from minigen import runtime
 from minigen.batching import MicroBatchSampler, StepOrder, check_data, micro_batches, to_device
 from minigen.checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_header,
-                                rng_state, save_checkpoint, set_rng_state)
+                                remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
 from minigen.ema import EMA
 from minigen.plot import save_grid
 from minigen.runtime import select_device, set_seed  # public here too: lessons import them from train
 
 LOG_NAME = "log.jsonl"
+LOCK_NAME = ".lock"  # out_dir/.lock: flock'ed by the run using out_dir, holds its PID
+
+
+class RunLockedError(RuntimeError):
+    """out_dir is in use by another run (it holds out_dir/.lock)."""
 
 _SCHEDULES = ("constant", "cosine", "linear")
 _PRECISIONS = runtime.PRECISIONS
@@ -163,7 +186,8 @@ class TrainConfig:
         need(self.grad_accum > 0, f"grad_accum must be > 0, got {self.grad_accum}")
         for name in ("warmup_steps", "log_every", "sample_every", "ckpt_every", "num_workers"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(isinstance(self.lr, numbers.Real) and not isinstance(self.lr, bool)
+             and math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         self.betas = tuple(float(b) for b in self.betas)
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -303,8 +327,18 @@ def _split_loss(out, where: str):
 # the log
 
 
-def _read_log(path: Path, upto_step: int) -> list[dict]:
-    """Log records with step <= upto_step (a resumed run drops what it will redo)."""
+def read_log(path, upto_step: float = math.inf) -> list[dict]:
+    """The log records of the latest run in a log.jsonl (or its run folder), steps <= upto_step.
+
+    log.jsonl is only ever appended to. A run that starts afresh where records already are
+    first writes ``{"event": "start", ...}``: the records above it belong to an earlier run.
+    A resumed run writes ``{"event": "resume", "step": s, ...}``: records above it past step s
+    were made by the interrupted run and are redone below it. This reads through both and
+    returns what the latest run's history is (the markers themselves left out).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / LOG_NAME
     if not path.exists():
         return []
     records = []
@@ -313,9 +347,19 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash
             continue
-        if isinstance(rec, dict) and rec.get("step", math.inf) <= upto_step:
+        if not isinstance(rec, dict):
+            continue
+        event = rec.get("event")
+        if event == "start":
+            records = []
+        elif event == "resume":
+            records = [r for r in records if r.get("step", math.inf) <= rec.get("step", -1)]
+        elif event is None:
             records.append(rec)
-    return records
+    return [r for r in records if r.get("step", math.inf) <= upto_step]
+
+
+_read_log = read_log  # the old private name
 
 
 # -----------------------------------------------------------------------------
@@ -327,7 +371,9 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
     """Train `model` on `data`; see the module docstring for what happens at each step.
 
     model: an nn.Module with ``training_loss(batch, step[, name])`` (unless `loss_fn` is given),
-        optionally ``configure_optimizers(config)`` and ``sample_images(n)``.
+        optionally ``configure_optimizers(config)`` and ``sample_images(n)``; or a function
+        of no arguments that builds one (``lambda: VAE(cfg)``): `fit` calls it after seeding
+        every RNG with ``config.seed``, so the seed fixes the starting weights too.
     data: a Dataset yielding ``(x, y)`` or ``x``, or a Tensor of images (batches are then
         tensors, not tuples).
     config: a TrainConfig; keyword `overrides` replace its fields (``fit(m, d, steps=500)``).
@@ -339,7 +385,9 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
 
     ``step`` is the 0-based index of the optimizer step being computed; log records and
     checkpoints count steps done. A fresh run first seeds every RNG with ``config.seed`` (plus
-    the rank under DDP), so two calls with the same arguments train identically.
+    the rank under DDP), so two calls with the same arguments train identically -- from the
+    same starting weights if `model` is a builder function (an already built model's weights
+    are whatever the RNG gave when it was built: seed before building it, as the CLI does).
     """
     config = config if config is not None else TrainConfig()
     if not isinstance(config, TrainConfig):
@@ -350,8 +398,14 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
         if unknown:
             raise TypeError(f"unknown TrainConfig field(s) {unknown}; valid fields: {sorted(known)}")
         config = dataclasses.replace(config, **overrides)
+    if callable(model) and not isinstance(model, nn.Module):
+        # build it from seeded generators: same seed, same starting weights (on every rank)
+        runtime.set_seed(config.seed)
+        model = model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the model builder passed to fit must return an nn.Module, got {type(model).__name__}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be an nn.Module (or a function that builds one), got {type(model).__name__}")
     if loss_fn is None and not callable(getattr(model, "training_loss", None)):
         raise TypeError(f"{type(model).__name__} has no training_loss(batch, step) method; "
                         f"define one or pass loss_fn=(model, batch, step) -> loss")
@@ -371,12 +425,13 @@ def fit(model: nn.Module, data, config: TrainConfig | None = None, *,
 def _fit(model, data, n_data, config, loss_fn, world, rank, local_rank, callback=None) -> TrainResult:
     """The loop itself; each line is a method of `_Trainer` below, in the order it runs."""
     run = _Trainer(model, config, loss_fn, world, rank, local_rank)  # device, precision, optimizers, EMA
-    run.resume_or_seed()  # from out_dir's checkpoint, or seed every RNG afresh
-    run.open_log()
-    loss_module = run.wrap_loss_module()  # DDP / torch.compile
-    batches = run.micro_batches(data, n_data)
-    run.start_progress()
     try:
+        run.lock_out_dir()  # one run per out_dir; clear temp files of killed writes
+        run.resume_or_seed()  # from out_dir's checkpoint, or seed every RNG afresh
+        run.open_log()
+        loss_module = run.wrap_loss_module()  # DDP / torch.compile
+        batches = run.micro_batches(data, n_data)
+        run.start_progress()
         for step in range(run.start, config.steps):
             micro = [next(batches) for _ in range(config.grad_accum)]
             record = run.optimizer_step(loss_module, micro, step)
@@ -417,7 +472,11 @@ class _Trainer:
         self.where = "loss_fn" if loss_fn is not None else f"{type(model).__name__}.training_loss"
 
         self.start, self.history, self.resumed = 0, [], False
-        self.log_file, self.bar = None, None
+        self.log_file, self.bar, self.lock_fd = None, None, None
+        # A checkpoint is written only once the loss computed from its weights (the next step's)
+        # is known to be finite: until then it waits here, copied to the CPU.
+        self.held: dict | None = None
+        self.last_saved: int | None = None
         # Losses stay on the device until a sync point (every step on CPU, every 10 on CUDA where
         # a sync would stall the queue), where they are checked for NaN/inf and summed for the log.
         self.sync_every = 10 if self.on_cuda else 1
@@ -427,6 +486,55 @@ class _Trainer:
         self.postfix: dict[str, str] = {}
 
     # --- before the loop
+
+    def lock_out_dir(self) -> None:
+        """Take out_dir/.lock (flock, released by the OS if this process dies) or raise
+        RunLockedError naming the run that holds it; then delete temp files of killed writes."""
+        error = None
+        if self.is_main and self.out_dir is not None:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise NotADirectoryError(errno.ENOTDIR, f"out_dir {self.out_dir} exists and is not a folder; "
+                                         "choose a folder path for the run", str(self.out_dir)) from None
+            error = self._flock()
+        if self.distributed:  # every rank stops if rank 0 could not lock
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RunLockedError(error)
+        if self.lock_fd is not None:
+            removed = remove_stale_temp_files(self.out_dir)
+            if removed:
+                warnings.warn(f"removed {len(removed)} temporary file(s) left in {self.out_dir} by a "
+                              f"killed checkpoint write: {', '.join(p.name for p in removed[:5])}")
+
+    def _flock(self) -> str | None:
+        """-> None when locked, else the message saying who holds the lock."""
+        if fcntl is None:
+            return None
+        path = self.out_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "?"
+            where = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
+            return (f"{self.out_dir} is in use by another run (PID {pid}{where}): two runs writing one "
+                    f"folder would overwrite each other's checkpoints. Wait for it to finish (or stop it: "
+                    f"kill {pid}), or choose another out_dir (--out)")
+        except OSError as e:  # a filesystem without flock (some network mounts): run unlocked
+            os.close(fd)
+            warnings.warn(f"cannot lock {path} ({e.strerror}): nothing stops a second run from using "
+                          f"{self.out_dir} at the same time")
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self.lock_fd = fd
+        return None
 
     def resume_or_seed(self) -> None:
         """Continue from out_dir's checkpoint (model, optimizers, scalers, EMA, step, RNG, log),
@@ -438,12 +546,27 @@ class _Trainer:
             return
         # loaded on the CPU (RNG states must stay there); load_state_dict moves the rest
         ckpt = load_checkpoint(ckpt_path, expected_model=self.model)
-        self.model.load_state_dict(ckpt["model"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # missing/unexpected keys, size mismatch: another model config
+            saved, now = ckpt.get("model_config") or {}, model_header(self.model)["model_config"] or {}
+            diff = [f"{k}={saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                    if saved.get(k) != now.get(k)]
+            raise CheckpointError(
+                f"{self.out_dir} was trained with other model settings "
+                f"({'; '.join(diff) or str(e).splitlines()[0]}), so its checkpoint does not fit this model. "
+                f"To resume it, use the same settings (on the command line: the same --set options); to "
+                f"train this model from scratch, choose another out_dir (--out)") from None
         if set(ckpt["optimizers"]) != set(self.opts):
             raise CheckpointError(f"{ckpt_path} has optimizers {sorted(ckpt['optimizers'])} but the "
                                   f"model now configures {sorted(self.opts)}")
         for name, opt in self.opts.items():
+            # the optimizer's state (moments, step counts) continues; its hyperparameters (lr,
+            # betas, weight decay) are this call's: a resume with a lower lr must use it
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(ckpt["optimizers"][name])
+            for g, hyper in zip(opt.param_groups, fresh):
+                g.update(hyper)
         if self.scalers is not None and ckpt.get("scalers"):
             for name, sc in self.scalers.items():
                 sc.load_state_dict(ckpt["scalers"][name])
@@ -462,16 +585,28 @@ class _Trainer:
             set_rng_state(rng[self.rank], self.device)
         else:  # another world size: see "Resuming on a different world size" above
             runtime.set_seed(runtime.derive_seed(config.seed, "resume", self.start, self.rank))
-        self.history = _read_log(self.out_dir / LOG_NAME, self.start)
+        self.last_saved = self.start
+        self.history = read_log(self.out_dir / LOG_NAME, self.start)
 
     def open_log(self) -> None:
-        """Rank 0 (re)writes out_dir/log.jsonl: records past the checkpoint are dropped (they will be redone)."""
+        """Rank 0 appends to out_dir/log.jsonl, never overwrites it. Where records already are, a
+        marker first says what follows: a resume from step s, or a new run (see `read_log`)."""
         if not (self.is_main and self.out_dir is not None):
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(self.out_dir / LOG_NAME, "w", encoding="utf-8")
-        for rec in self.history:
-            self.log_file.write(json.dumps(rec) + "\n")
+        path = self.out_dir / LOG_NAME
+        old = path.read_bytes() if path.exists() else b""
+        self.log_file = open(path, "a", encoding="utf-8")
+        if old.strip():
+            if not old.endswith(b"\n"):  # a line cut short by a crash: keep it on its own line
+                self.log_file.write("\n")
+            when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            marker = ({"event": "resume", "step": self.start, "time": when,
+                       "note": f"resumed from the checkpoint at step {self.start}; records above with a "
+                               f"larger step were redone below"} if self.resumed else
+                      {"event": "start", "step": 0, "time": when,
+                       "note": "a new run started in this folder (it had no checkpoint); the records "
+                               "above belong to an earlier run"})
+            self.log_file.write(json.dumps(marker) + "\n")
         self.log_file.flush()
 
     def wrap_loss_module(self) -> nn.Module:
@@ -555,8 +690,11 @@ class _Trainer:
         log_now = c.log_every and done % c.log_every == 0
         ckpt_now = self.ckpt_path is not None and ((c.ckpt_every and done % c.ckpt_every == 0) or done == steps)
         sample_now = self._can_sample() and done % c.sample_every == 0
-        if log_now or ckpt_now or sample_now or done == steps or len(self.pending) >= self.sync_every:
+        if (log_now or ckpt_now or sample_now or self.held is not None or done == steps
+                or len(self.pending) >= self.sync_every):
             self.check_losses()
+        if self.held is not None:  # this step's loss, computed from the held weights, was finite
+            self.write(self.held)
         if log_now or (c.log_every and done == steps and self.n_summed):
             self.log(done)
         if sample_now or ckpt_now:
@@ -587,11 +725,11 @@ class _Trainer:
             i += len(ks)
             for name, key in self.loss_key.items():
                 if not math.isfinite(rec[key]):
+                    self.held = None  # its weights gave this loss: never write them
                     raise FloatingPointError(
                         f"the loss{'' if not self.multi else f' of optimizer {name!r}'} became {rec[key]} "
                         f"at step {s}. Try a lower lr (now {self.config.lr:g}), gradient clipping "
-                        f"(grad_clip={self.config.grad_clip}) or a longer warm-up; the last checkpoint "
-                        f"on disk, if any, is from before this step.")
+                        f"(grad_clip={self.config.grad_clip}) or a longer warm-up. {self._where_to_resume()}")
             for k, v in rec.items():
                 self.sums[k] = self.sums.get(k, 0.0) + v
             self.n_summed += 1
@@ -644,8 +782,19 @@ class _Trainer:
         save_grid(images, self.out_dir / "samples" / f"step_{done:06d}.png", nrow=4)
         self.model.train()
 
+    def _where_to_resume(self) -> str:
+        if self.ckpt_path is None:
+            return "(No out_dir: nothing was saved.)"
+        if self.last_saved is None:
+            return f"No checkpoint was written to {self.out_dir}: the run starts afresh next time."
+        return (f"The checkpoint in {self.out_dir} is from step {self.last_saved}, and every update up to it "
+                f"gave a finite loss: training again with the same out_dir resumes from there.")
+
     def checkpoint(self, done: int) -> None:
-        """Every rank contributes its RNG state; rank 0 writes out_dir/checkpoint.pt."""
+        """Every rank contributes its RNG state; rank 0 copies the state to the CPU and holds it
+        until the next step's loss (computed from these weights) is checked finite, then writes
+        out_dir/checkpoint.pt. The last step's checkpoint has no next loss: its weights and
+        optimizer state are checked finite instead."""
         rng = rng_state(self.device)
         rngs = [None] * self.world
         if self.distributed:
@@ -654,7 +803,7 @@ class _Trainer:
             rngs = [rng]
         if not self.is_main:
             return
-        save_checkpoint(self.ckpt_path, {
+        state = _to_cpu({
             **model_header(self.model),
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -664,6 +813,21 @@ class _Trainer:
             "rng": rngs,
             "train_config": dataclasses.asdict(self.config),
         })
+        if done < self.config.steps:
+            self.held = state
+            return
+        bad = _first_non_finite({"model": state["model"], "ema": state["ema"], "optimizers": state["optimizers"]})
+        if bad is not None:
+            raise FloatingPointError(
+                f"the last update (step {done - 1}) made {bad} non-finite. Try a lower lr (now "
+                f"{self.config.lr:g}), gradient clipping (grad_clip={self.config.grad_clip}) or a longer "
+                f"warm-up. {self._where_to_resume()}")
+        self.write(state)
+
+    def write(self, state: dict) -> None:
+        self.held = None
+        save_checkpoint(self.ckpt_path, state)
+        self.last_saved = state["step"]
 
     def run_callback(self, callback, done: int) -> None:
         t0 = time.perf_counter()
@@ -690,9 +854,38 @@ class _Trainer:
             self.bar.close()
         if self.log_file is not None:
             self.log_file.close()
+        if self.lock_fd is not None:  # release out_dir (closing the descriptor drops the flock)
+            os.close(self.lock_fd)
+            self.lock_fd = None
         if not self.was_training:
             self.model.eval()
 
 
-__all__ = ["TrainConfig", "TrainResult", "fit", "lr_factor", "default_optimizer", "EMA", "CheckpointError",
+def _to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor copied to the CPU: a snapshot that
+    further training does not change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _first_non_finite(obj, where: str = "") -> str | None:
+    """The name of the first floating-point tensor in a nested state with a NaN or inf, or None."""
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+__all__ = ["TrainConfig", "TrainResult", "fit", "read_log", "RunLockedError", "LOCK_NAME", "lr_factor", "default_optimizer", "EMA", "CheckpointError",
            "save_checkpoint", "load_checkpoint", "select_device", "set_seed", "CHECKPOINT_NAME", "LOG_NAME"]

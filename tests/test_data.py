@@ -459,12 +459,116 @@ def test_image_folder_errors(tmp_path):
         data.load_dataset(tmp_path / "empty")
     _save(tmp_path / "broken" / "ok.png", np.zeros((8, 8, 3)))
     (tmp_path / "broken" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    with pytest.raises(ValueError, match=r"bad\.png.*delete or replace"):
-        data.load_dataset(tmp_path / "broken")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 2 .*bad\.png"):
+        assert len(data.load_dataset(tmp_path / "broken")) == 1
     with pytest.raises(ValueError, match="split"):
         data.load_dataset(tmp_path / "broken", split="test")
     with pytest.raises(ValueError, match="is a file"):
         data.load_dataset(tmp_path / "broken" / "ok.png")
+
+
+def _png16(path, rgb16):
+    """Write a 16-bit-per-channel RGB PNG by hand (Pillow cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_image_folder_modes_load_with_their_full_range(tmp_path):
+    """8- and 16-bit grey, 16-bit RGB, palette, RGBA, LA, CMYK, 1-bit: each a known image whose
+    8-bit values are checked exactly (no resize: the files are already 16 x 16)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp16 = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    grey8 = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    rgb8 = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    expect = {}  # file name -> expected uint8 (3, 16, 16)
+
+    Image.fromarray(ramp16).save(folder / "grey16.png")   # mode I;16 (the 0..65535 gradient)
+    assert Image.open(folder / "grey16.png").mode.startswith("I")
+    expect["grey16.png"] = np.repeat(np.rint(ramp16 / 257.0).astype(np.uint8)[None], 3, 0)
+    rgb16 = rng.integers(0, 65536, (16, 16, 3)).astype(np.uint16)
+    _png16(folder / "rgb16.png", rgb16)
+    expect["rgb16.png"] = (rgb16 >> 8).astype(np.uint8).transpose(2, 0, 1)  # Pillow keeps the high byte
+    Image.fromarray(grey8, "L").save(folder / "grey8.png")
+    expect["grey8.png"] = np.repeat(grey8[None], 3, 0)
+    Image.fromarray(rgb8).save(folder / "rgb8.png")
+    expect["rgb8.png"] = rgb8.transpose(2, 0, 1)
+    pal = Image.fromarray(rgb8).quantize(16)                # mode P, 16 colours
+    pal.save(folder / "palette.png")
+    expect["palette.png"] = np.asarray(pal.convert("RGB")).transpose(2, 0, 1)
+    rgba = np.dstack([rgb8, alpha])
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    a = alpha[..., None] / 255.0                            # composited on white
+    expect["rgba.png"] = (rgb8 * a + 255 * (1 - a)).transpose(2, 0, 1)
+    Image.fromarray(np.dstack([grey8, alpha]), "LA").save(folder / "la.png")
+    expect["la.png"] = np.repeat((grey8 * a[..., 0] + 255 * (1 - a[..., 0]))[None], 3, 0)
+    cmyk = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(folder / "cmyk.jpg", quality=100)
+    expect["cmyk.jpg"] = np.asarray(Image.open(folder / "cmyk.jpg").convert("RGB")).transpose(2, 0, 1)
+    bits = rng.integers(0, 2, (16, 16)).astype(bool)
+    Image.fromarray(bits).save(folder / "bilevel.png")      # mode 1
+    expect["bilevel.png"] = np.repeat(bits[None] * np.uint8(255), 3, 0)
+
+    ds = data.load_dataset(folder, size=16)
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(ds) == len(names) == len(expect)
+    for name, img in zip(names, ds.images):
+        want = np.asarray(expect[name], dtype=np.float64)
+        # exact, or within 1 where the expectation is a float (alpha blending rounds)
+        assert np.abs(img.numpy().astype(np.float64) - want).max() <= 1, name
+    g16 = ds.images[names.index("grey16.png")].float()
+    assert g16.min() == 0 and g16.max() == 255 and abs(g16.mean().item() - 127.5) < 0.6  # not clipped
+    # resized, the 16-bit image keeps its range too (the mean of a linear ramp is its midpoint)
+    small = data.load_dataset(folder, size=8, channels=1)
+    g16 = small.images[names.index("grey16.png")].float()
+    assert small.images.shape == (len(names), 1, 8, 8) and abs(g16.mean().item() - 127.5) < 2
+
+
+def test_image_folder_skips_unreadable_files_with_one_summary(tmp_path):
+    folder = tmp_path / "mixed"
+    for i in range(3):
+        _save(folder / "cats" / f"ok{i}.png", np.full((8, 8, 3), 40 * i))
+    _save(folder / "dogs" / "ok.png", np.full((8, 8, 3), 200))
+    bad = {"cats/trunc.png": (folder / "cats" / "ok0.png").read_bytes()[:30],
+           "cats/text.jpg": b"hello, I am not a JPEG",
+           "dogs/empty.png": b""}
+    for i in range(5):
+        bad[f"cats/junk{i}.png"] = bytes(range(i, 60))
+    for name, content in bad.items():
+        (folder / name).write_bytes(content)
+    with pytest.warns(UserWarning) as caught:
+        ds = data.load_dataset(folder, size=8)
+    msgs = [str(w.message) for w in caught if "could not be read" in str(w.message)]
+    assert len(msgs) == 1, msgs  # one summary, not one warning per file
+    msg = msgs[0]
+    assert "skipped 8 of 12 image file(s)" in msg and "and 3 more" in msg and "uses the other 4" in msg
+    assert sum(n in msg for n in bad) == 5 and "Error" in msg  # the first five by name, each with why
+    assert len(ds) == 4 and ds.classes == ["cats", "dogs"] and ds.labels.tolist() == [0, 0, 0, 1]
+    # a class with nothing readable left is dropped, labels stay contiguous
+    (folder / "dogs" / "ok.png").write_bytes(b"broken now")
+    with pytest.warns(UserWarning) as caught:
+        ds = data.load_dataset(folder, size=8)
+    assert any(re.search(r"\['dogs'\].*dropped", str(w.message)) for w in caught)
+    assert any("skipped 9 of 12" in str(w.message) for w in caught)
+    assert ds.classes == ["cats"] and ds.labels.tolist() == [0, 0, 0]
+    # only when nothing is readable does loading fail, naming the files
+    for p in (folder / "cats").glob("ok*.png"):
+        p.write_bytes(b"broken too")
+    with pytest.raises(ValueError, match=r"none of the 12 image file\(s\).*could be read.*cats/"):
+        data.load_dataset(folder, size=8)
 
 
 def test_image_folder_train_test_split(tmp_path):

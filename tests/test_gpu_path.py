@@ -172,8 +172,13 @@ def test_channels_last_trains_like_contiguous():
     res = fit(net(), data(), steps=5, batch_size=8, lr=1e-2, channels_last=True, **QUIET)
     assert all(s[1] for s in res.model.seen) and not any(s[1] for s in ref.model.seen)
     assert res.model.enc.weight.is_contiguous(memory_format=torch.channels_last)
-    # same maths in another memory layout: equal up to summation order
-    assert max_diff(ref.model, res.model) < 1e-5
+    # Same maths in another memory layout: equal up to summation order. Each weight's gradient
+    # sums batch x H x W = 8 * 8 * 8 = 512 products; another order (NHWC kernels, another CPU's
+    # vector width) moves it by at most ~512 fp32 eps relative, and Adam's step (at most lr in
+    # size, set by m / sqrt(v)) by about that much relative; 5 steps, x3 for the GroupNorm
+    # statistics and the second moment. (Measured: 6.7e-8 with AVX2 kernels, 3.4e-8 without.)
+    bound = 3 * 5 * 1e-2 * 512 * torch.finfo(torch.float32).eps
+    assert max_diff(ref.model, res.model) < bound
     assert not torch.equal(res.model.enc.weight, net().enc.weight)  # it trained
 
 

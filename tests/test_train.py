@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigen.train import (EMA, CheckpointError, TrainConfig, fit, load_checkpoint, lr_factor,
+from minigen.train import (EMA, CheckpointError, TrainConfig, fit, load_checkpoint, lr_factor, read_log,
                            save_checkpoint, select_device, set_seed)
 
 
@@ -392,8 +392,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, grad_accum):
     assert_same_weights(full.model, resumed.model, exact=True)
     for k in full.ema.shadow:
         assert torch.equal(full.ema.shadow[k], resumed.ema.shadow[k]), k
-    # the log holds each step once, with the same losses as the uninterrupted run
-    log = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    # the log file is only appended to: the interrupted run's records, a resume marker at the
+    # checkpoint's step, the redone steps; read_log gives each step once, with the same losses
+    # as the uninterrupted run
+    raw = [json.loads(l) for l in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw] == [*range(1, 10), 8, *range(9, 13)]
+    assert raw[9]["event"] == "resume" and "loss" not in raw[9]
+    log = read_log(tmp_path / "b")
     assert [r["step"] for r in log] == list(range(1, 13))
     assert [r["loss"] for r in log] == [r["loss"] for r in full.history]
     assert [r["step"] for r in resumed.history] == list(range(1, 13))
@@ -558,3 +563,215 @@ def test_out_dir_may_be_a_path(tmp_path):
     res = fit(make_model(), structured_images(16), steps=2, batch_size=8, out_dir=tmp_path / "run", **QUIET)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["train_config"]["out_dir"] == str(tmp_path / "run") and res.step == 2
+
+
+# ----------------------------------------------------------------------------- the practitioner's path
+
+
+def test_seed_fixes_the_starting_and_the_trained_weights():
+    """fit(builder) builds the model after seeding: the global RNG's state before fit does not
+    matter, the seed alone decides the initial weights, and then the trained ones, bitwise."""
+    x = structured_images(32)
+    inits, trained = [], []
+    for junk in (1, 2):
+        torch.manual_seed(1000 + junk)  # whatever ran before fit drew different numbers
+        torch.rand(junk)
+        inits.append(fit(lambda: TinyAE(AEConfig(noise=0.3)), x, steps=0, batch_size=8, seed=7, **QUIET).model)
+        trained.append(fit(lambda: TinyAE(AEConfig(noise=0.3)), x, steps=3, batch_size=8, seed=7, **QUIET).model)
+    assert_same_weights(*inits, exact=True)
+    assert_same_weights(*trained, exact=True)
+    other = fit(lambda: TinyAE(AEConfig(noise=0.3)), x, steps=0, batch_size=8, seed=8, **QUIET).model
+    with pytest.raises(AssertionError):
+        assert_same_weights(inits[0], other, exact=True)
+    with pytest.raises(TypeError, match="builder passed to fit must return an nn.Module"):
+        fit(lambda: 3, x, steps=1)
+
+
+def test_nan_after_a_bad_update_keeps_a_checkpoint_that_resumes(tmp_path):
+    """lr 1e30 makes update 4 finite but huge, so the loss of step 5 is inf. The checkpoint due
+    after step 5 holds that update: it must not be written, and the one on disk (step 4) must
+    resume cleanly at the lr that was fine before."""
+    x = structured_images(32)
+    kw = dict(batch_size=8, ckpt_every=1, out_dir=str(tmp_path), **QUIET)
+    fit(make_model(), x, steps=4, lr=1e-3, **kw)
+    with pytest.raises(FloatingPointError,
+                       match=r"became (nan|inf) at step 5\. Try a lower lr \(now 1e\+30\).*from step 4.*resumes"):
+        fit(make_model(), x, steps=10, lr=1e30, **kw)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 4
+    res = fit(make_model(), x, steps=8, lr=1e-3, **kw)
+    assert res.step == 8 and all(math.isfinite(r["loss"]) for r in res.history)
+    # a NaN loss: the checkpoint whose weights gave it is not written either
+    model = make_model()
+    model.nan_at = 9
+    with pytest.raises(FloatingPointError, match="nan at step 9.*from step 8"):
+        fit(model, x, steps=10, lr=1e-3, **kw)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 8
+
+    # the last step's checkpoint has no next loss: its weights are checked finite instead.
+    # At step 9 the loss stays finite but its gradient is not (sqrt at 0), so update 9 is NaN.
+    def finite_loss_nan_grad(model, batch, step):
+        out = model.training_loss(batch, step)
+        if step == 9:
+            p = next(model.parameters())
+            out["loss"] = out["loss"] + torch.sqrt((p - p.detach()).abs().sum())
+        return out
+
+    with pytest.raises(FloatingPointError, match=r"the last update \(step 9\) made model\.\S+ non-finite.*from step 9"):
+        fit(make_model(), x, steps=10, lr=1e-3, loss_fn=finite_loss_nan_grad, **kw)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 9 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_changed_model_config_is_refused_on_resume(tmp_path):
+    fit(make_model(hidden=8), structured_images(16), steps=1, batch_size=8, out_dir=str(tmp_path), **QUIET)
+    with pytest.raises(CheckpointError, match=r"other model settings \(hidden=8 there, 16 now\).*--set.*--out"):
+        fit(make_model(hidden=16), structured_images(16), steps=2, batch_size=8, out_dir=str(tmp_path), **QUIET)
+
+
+def test_log_is_appended_never_overwritten(tmp_path):
+    x = structured_images(16)
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 123.0}\n{"step": 2, "lo')  # an old run, cut short
+    fit(make_model(), x, steps=2, batch_size=8, out_dir=str(tmp_path), **QUIET)
+    raw = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert raw[0] == '{"step": 1, "loss": 123.0}' and raw[1] == '{"step": 2, "lo'  # kept as it was
+    assert json.loads(raw[2])["event"] == "start" and "earlier run" in json.loads(raw[2])["note"]
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2] and read_log(tmp_path)[0]["loss"] != 123.0
+    fit(make_model(), x, steps=3, batch_size=8, out_dir=str(tmp_path), **QUIET)  # resume
+    raw = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()[2:]]
+    assert [r.get("event") for r in raw] == ["start", None, None, "resume", None]
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_temp_files_of_killed_writes_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from minigen import checkpoint
+
+    # atomic_save names its temp file with the writer's PID (seen here while it is fsynced)
+    seen = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (seen.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    checkpoint.atomic_save({"a": 1}, tmp_path / "x.pt")
+    monkeypatch.undo()
+    name = os.path.basename(seen[0])
+    assert name.startswith(f".x.pt.tmp-{os.getpid()}-") and checkpoint._TEMP_WITH_PID.match(name)
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        files = {f".checkpoint.pt.tmp-{_dead_pid()}-abcd1234": False,   # killed writer: removed
+                 f".checkpoint.pt.tmp-{alive.pid}-efgh5678": True,      # a live writer: kept
+                 ".checkpoint.pt.k3j4h5g6.tmp": False,                  # old naming, untouched for an hour
+                 ".checkpoint.pt.a1b2c3d4.tmp": True,                   # old naming, being written now
+                 "notes.tmp-123-x": True}                               # not ours
+        for f in files:
+            (tmp_path / f).write_bytes(b"partial")
+        hour_ago = time.time() - 3600
+        os.utime(tmp_path / ".checkpoint.pt.k3j4h5g6.tmp", (hour_ago, hour_ago))
+        with pytest.warns(UserWarning, match="removed 2 temporary file"):
+            fit(make_model(), structured_images(16), steps=1, batch_size=8, out_dir=str(tmp_path), **QUIET)
+        for f, kept in files.items():
+            assert (tmp_path / f).exists() == kept, f
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+_HOLDER = """
+import sys, time, torch
+from torch import nn
+from minigen.train import fit
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+    def training_loss(self, batch, step):
+        return (self.w * batch).pow(2).mean()
+
+def hold(done, model, ema):
+    print("holding", flush=True)
+    time.sleep(300)
+
+fit(M(), torch.randn(8, 1, 2, 2), steps=2, batch_size=4, out_dir=sys.argv[1], progress=False, callback=hold)
+"""
+
+
+def hold_run_dir(path):
+    """A second process that holds `path`'s run lock (training, inside a callback) until killed."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "holding"
+    return p
+
+
+def test_two_runs_cannot_share_an_out_dir(tmp_path):
+    from minigen.train import RunLockedError
+
+    other = hold_run_dir(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=rf"in use by another run \(PID {other.pid}\).*kill {other.pid}"):
+            fit(make_model(), structured_images(16), steps=1, batch_size=8, out_dir=str(tmp_path), **QUIET)
+        assert not (tmp_path / "checkpoint.pt").exists()
+    finally:
+        other.kill()  # a crash (SIGKILL) releases the lock: no stale lock to clean by hand
+        other.wait()
+    res = fit(make_model(), structured_images(16), steps=1, batch_size=8, out_dir=str(tmp_path), **QUIET)
+    assert res.step == 1
+    # released at the end of fit: the same process may train there again
+    assert fit(make_model(), structured_images(16), steps=2, batch_size=8, out_dir=str(tmp_path), **QUIET).step == 2
+
+
+def test_checkpoint_format_is_versioned(tmp_path):
+    import minigen
+    from minigen import checkpoint
+
+    fit(make_model(), structured_images(16), steps=1, batch_size=8, out_dir=str(tmp_path), **QUIET)
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert raw["format"] == checkpoint.FORMAT == 2
+    newer = tmp_path / "newer.pt"
+    torch.save({**raw, "format": 3, "minigen_version": "9.1.0"}, newer)
+    with pytest.raises(CheckpointError, match=rf"written by minigen 9\.1\.0 \(checkpoint format 3\); this is "
+                                              rf"minigen {minigen.__version__}.*upgrade minigen"):
+        load_checkpoint(newer)
+    unversioned = tmp_path / "v1.pt"  # minigen 0.1.0 before the field: format 1, migrated
+    torch.save({k: v for k, v in raw.items() if k != "format"}, unversioned)
+    assert load_checkpoint(unversioned)["format"] == 2
+    bogus = tmp_path / "bogus.pt"
+    torch.save({**raw, "format": 0}, bogus)
+    with pytest.raises(CheckpointError, match="format 0, which no minigen writes"):
+        load_checkpoint(bogus)
+
+
+def test_a_pickle_that_could_run_code_is_refused_as_such(tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo this would have run",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(CheckpointError, match=r"could run code.*system.*weights_only=False.*trusted source"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_a_non_finite_or_non_positive_lr_is_refused_up_front(lr):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+        TrainConfig(lr=lr)
+    assert TrainConfig(lr=np.float32(1e-3)).lr == np.float32(1e-3)  # numpy numbers are numbers
