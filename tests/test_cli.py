@@ -148,6 +148,14 @@ def test_train_vqgan_then_ldm_then_sample_with_a_prompt(tmp_path, capsys, monkey
                          "--guidance", "3", "--steps", "2", "--seed", "0", "--n", "4", "--out", str(png)]) == 0
         pngs.append(png.read_bytes())
     assert pngs[0] == pngs[1]
+    # --sampler: DPM-Solver++ draws different images from the same noise; a flow sampler is refused
+    png = tmp_path / "dpm.png"
+    assert cli.main(["sample", str(ld), "--prompt", "a small red circle on a blue background", "--guidance", "3",
+                     "--sampler", "dpmsolver++", "--steps", "2", "--seed", "0", "--n", "4", "--out", str(png)]) == 0
+    assert png.read_bytes() != pngs[0]
+    capsys.readouterr()
+    assert cli.main(["sample", str(ld), "--sampler", "euler", "--n", "1", "--out", str(tmp_path / "e.png")]) == 2
+    assert "unknown sampler 'euler'" in capsys.readouterr().err
     # an unknown word: a warning naming it, and still an image
     capsys.readouterr()
     png = tmp_path / "dog.png"
