@@ -105,6 +105,13 @@ def test_backbone_on_a_model_without_one_exits_2_naming_those_that_take_it(tmp_p
     assert not (tmp_path / "vae").exists()
 
 
+def test_backbone_on_latent_diffusion_exits_2_before_reading_the_autoencoder(tmp_path, capsys):
+    # latent diffusion trains a U-Net only (so far): refused before the missing autoencoder is read
+    assert cli.main(["train", "ldm", "--set", "backbone=dit", "--set", f"autoencoder={tmp_path / 'none.pt'}",
+                     "--out", str(tmp_path / "ldm")]) == 2
+    assert "ldm has no backbone option; --set backbone=... is for ddpm, flow" in capsys.readouterr().err
+
+
 def test_unknown_backbone_exits_2(tmp_path, capsys):
     assert cli.main(["train", "flow", *DATA, "--steps", "1", "--set", "backbone=resnet",
                      "--out", str(tmp_path / "f")]) == 2
