@@ -8,6 +8,8 @@
     minigen train vqgan --data shapes --set code_dim=4 --out runs/vqgan  # then latent diffusion:
     minigen train ldm --data shapes --set autoencoder=runs/vqgan/checkpoint.pt --out runs/ldm
     minigen sample runs/ldm --prompt "a small red circle on a blue background" --guidance 3 --n 16
+    minigen train flow --data shapes --set backbone=dit --out runs/flow  # flow matching, a DiT
+    minigen sample runs/flow --sampler heun --steps 10                   # 19 network evaluations
     minigen tour                           # train every family briefly, write a report
     minigen lessons build                  # regenerate lessons/ from solutions/
     minigen grade submissions/*.ipynb --out grades.csv
@@ -39,6 +41,7 @@ MODELS = {
     "vqgan": ("minigen.vqgan", "VQGAN", "VQGAN: VQ-VAE + perceptual and patch-GAN losses (lesson 03)"),
     "ddpm": ("minigen.diffusion", "GaussianDiffusion", "pixel-space diffusion with a U-Net (lessons 05-06)"),
     "ldm": ("minigen.ldm", "LatentDiffusion", "latent diffusion with text prompts (lesson 07)"),
+    "flow": ("minigen.flow", "FlowMatching", "pixel-space flow matching (rectified flow) (lesson 09)"),
 }
 
 
@@ -249,6 +252,9 @@ def cmd_train(args) -> int:
                              f"resize the images to N x N")
         if key in known:
             _check_override(key, value, known[key])
+    if "backbone" in overrides and args.model not in _models_with_backbone(models):
+        raise UsageError(f"{args.model} has no backbone option; --set backbone=... is for "
+                         f"{', '.join(_models_with_backbone(models))}")
     out = Path(args.out)
     _check_writable_folder("--out", out)  # before the data loads: fail in a second, not a minute
     ds = data.load_dataset(args.data, split="train", size=args.size)
@@ -300,7 +306,53 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _models_with_backbone(models) -> list:
+    """The models whose config has a `backbone` field (unet or dit), or whose module says which
+    backbones it takes (BACKBONES)."""
+    import dataclasses
+
+    from minigen.checkpoint import config_class
+
+    out = []
+    for name, (mod, cls, _) in models.items():
+        try:
+            fields = {f.name for f in dataclasses.fields(config_class(getattr(mod, cls)))}
+        except (ValueError, TypeError):  # no <Class>Config (CheckpointError is a ValueError)
+            fields = set()
+        if "backbone" in fields or hasattr(mod, "BACKBONES"):
+            out.append(name)
+    return out
+
+
 # ---------------------------------------------------------------------------- sample
+
+
+def sampler_choices(model):
+    """The `sampler=` values model.sample_images accepts: () if it takes no sampler, None if it
+    takes one but its objective is not one minigen knows (the model then checks the value)."""
+    import inspect
+
+    from minigen import diffusion, flow
+
+    if "sampler" not in inspect.signature(model.sample_images).parameters:
+        return ()
+    objective = getattr(model, "diffusion", model)  # latent diffusion samples through its objective
+    if isinstance(objective, flow.FlowMatching):
+        return flow.FLOW_SAMPLERS
+    if isinstance(objective, diffusion.GaussianDiffusion):
+        return diffusion.SAMPLERS
+    return None
+
+
+def _models_with_sampler() -> list:
+    import inspect
+
+    out = []
+    for name, (mod, cls, _) in _available_models().items():
+        sample_images = getattr(getattr(mod, cls), "sample_images", None)
+        if sample_images is not None and "sampler" in inspect.signature(sample_images).parameters:
+            out.append(name)
+    return out
 
 def load_model(path, device="cpu"):
     """-> (model, checkpoint): `minigen.checkpoint.load_model`, kept here for existing imports
@@ -324,13 +376,21 @@ def cmd_sample(args) -> int:
     model, ckpt = load_model(path, device)
     torch.manual_seed(args.seed)
     kwargs = {}
-    for key in ("prompt", "guidance", "steps"):
+    for key in ("prompt", "guidance", "steps", "sampler"):
         value = getattr(args, key)
         if value is not None:
             kwargs[key] = value
     if not hasattr(model, "sample_images"):
         raise UsageError(f"{type(model).__name__} cannot sample (it is not a generative model); "
-                         "train a vae, ddpm or ldm instead (a vqvae or vqgan samples through a transformer prior: see lesson 04 and `minigen tour`)")
+                         "train a vae, ddpm, flow or ldm instead (a vqvae or vqgan samples through a transformer prior: see lesson 04 and `minigen tour`)")
+    if args.sampler is not None:
+        choices = sampler_choices(model)
+        if choices == ():
+            raise UsageError(f"{type(model).__name__} has no sampler to choose; --sampler is for "
+                             f"{', '.join(_models_with_sampler())} checkpoints")
+        if choices is not None and args.sampler not in choices:
+            raise UsageError(f"unknown sampler {args.sampler!r} for {type(model).__name__}; "
+                             f"choose one of {', '.join(choices)}")
     import warnings
 
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
@@ -428,7 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=_float_in(-math.inf, what="a finite number"), default=None,
                    help="classifier-free guidance scale")
     s.add_argument("--steps", type=_int_at_least(1, "; leave --steps out for the model's default"),
-                   default=None, help="sampling steps (diffusion; default: the model's)")
+                   default=None,
+                   help="solver steps (diffusion, flow, ldm; default the model's): one network evaluation "
+                        "each for ddim, dpmsolver++ and euler, 2 steps - 1 for heun; ddpm walks all T")
+    s.add_argument("--sampler", default=None,
+                   help="ddpm, ddim, dpmsolver++ or heun (ddpm, ldm); euler, heun or dpmsolver++ (flow); "
+                        "default the model's")
     s.set_defaults(func=cmd_sample)
 
     tr = sub.add_parser("tour", parents=[common], help="train every model family briefly on built-in data; write a report")

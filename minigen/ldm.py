@@ -507,15 +507,16 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample_images(self, n: int, prompt: str | None = None, guidance: float | None = None,
-                      steps: int | None = None) -> torch.Tensor:
+                      steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
         """n images for `prompt` (the CLI's --prompt), or cycling through config.prompts
-        (fit's periodic grids); the empty prompt (unconditional) if there are none."""
+        (fit's periodic grids); the empty prompt (unconditional) if there are none.
+        sampler: the CLI's --sampler (None: the config's)."""
         if prompt is not None:
             prompts = [prompt] * n
         else:
             pool = self.config.prompts or [""]
             prompts = [pool[i % len(pool)] for i in range(n)]
-        return self.sample(prompts, guidance_scale=guidance, steps=steps)
+        return self.sample(prompts, guidance_scale=guidance, steps=steps, sampler=sampler)
 
 
 # ----------------------------------------------------------------------------- the CLI

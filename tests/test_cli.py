@@ -148,6 +148,24 @@ def test_train_vqgan_then_ldm_then_sample_with_a_prompt(tmp_path, capsys, monkey
                          "--guidance", "3", "--steps", "2", "--seed", "0", "--n", "4", "--out", str(png)]) == 0
         pngs.append(png.read_bytes())
     assert pngs[0] == pngs[1]
+    # --sampler reaches the latent model: Heun on 3 Karras sigmas is 5 network evaluations
+    from minigen import checkpoint
+
+    calls, real_load = [], checkpoint.load_model
+
+    def counting_load(path, device="cpu"):
+        m, c = real_load(path, device)
+        m.unet.register_forward_hook(lambda *a: calls.append(1))
+        return m, c
+
+    monkeypatch.setattr(checkpoint, "load_model", counting_load)
+    assert cli.main(["sample", str(ld), "--prompt", "a small red circle on a blue background", "--guidance", "3",
+                     "--sampler", "heun", "--steps", "3", "--n", "2", "--out", str(tmp_path / "heun.png")]) == 0
+    assert len(calls) == 5
+    monkeypatch.setattr(checkpoint, "load_model", real_load)
+    capsys.readouterr()
+    assert cli.main(["sample", str(ld), "--sampler", "euler", "--n", "1", "--out", str(tmp_path / "e.png")]) == 2
+    assert "unknown sampler 'euler'" in capsys.readouterr().err
     # an unknown word: a warning naming it, and still an image
     capsys.readouterr()
     png = tmp_path / "dog.png"
