@@ -11,6 +11,10 @@ import csv
 import json
 import os
 import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -303,3 +307,32 @@ def test_less_isolation_is_said_once_and_grading_still_works(tmp_path, monkeypat
     assert out.count("note: the grader is not root") == 1 and out.count("RLIMIT_AS") == 1
     with open(tmp_path / "g.csv") as f:
         assert next(r for r in csv.DictReader(f) if r["exercise"] == "total")["points"] == "3"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the mount plan is Linux-only")
+def test_mount_plan_binds_back_python_and_the_package_when_they_live_in_tmp(tmp_path, monkeypatch):
+    # CI makes its virtual environment with `mktemp -d` and may clone into /tmp: the worker's
+    # private /tmp must still show them (else every import fails and every answer scores 0),
+    # while a hidden folder inside them (the instructor's solutions) stays hidden.
+    from minigen.course import sandbox
+
+    tmp_root = os.path.realpath(tempfile.gettempdir())
+    clone = Path(tempfile.mkdtemp(dir=tmp_root, prefix="clone-"))
+    try:
+        (clone / "solutions").mkdir()
+        work = tmp_path / "work"
+        work.mkdir()
+        monkeypatch.setattr(sys, "path", [str(clone), *sys.path])
+        box = sandbox.Sandbox(slot=0, memory=1 << 30)
+        try:
+            box.hide = [str(clone / "solutions")]
+            box._workdir = str(work)
+            _, hide, private = box._mount_plan()
+        finally:
+            box.close()
+        keepers = dict(private)[tmp_root]
+        assert str(clone) in keepers, private
+        assert os.path.realpath(work) in keepers or any(os.path.realpath(work).startswith(k + "/") for k in keepers)
+        assert str(clone / "solutions") in hide, hide
+    finally:
+        shutil.rmtree(clone, ignore_errors=True)

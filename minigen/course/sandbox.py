@@ -314,12 +314,23 @@ class Sandbox:
             out.append((hidden, items))
         # a private /tmp, /var/tmp and /dev/shm: what the notebook writes there goes with it;
         # its working folder and the shared dataset cache are bound back in
+        # Python, its libraries and this package may live there too (a virtual environment made
+        # with `mktemp -d`, a clone in /tmp): those are bound back as well, read-only for the
+        # worker's uid by their modes, and a hidden folder inside one stays hidden (the bind is
+        # recursive, so it carries the tmpfs laid over that folder).
         tmp = os.path.realpath(tempfile.gettempdir())
-        private = [(d, [x for x in (self._workdir, str(self.shared_cache.parent) if self.shared_cache else None,
-                                    str(self._stage) if self._stage else None)
-                        if x and x.startswith(d + "/")])
-                   for d in sorted({tmp, "/tmp", "/var/tmp", "/dev/shm"}) if os.path.isdir(d)]
-        hide = [h for h in hide if not any(h == d or h.startswith(d + "/") for d, _ in private)]
+        wanted = [self._workdir, str(self.shared_cache.parent) if self.shared_cache else None,
+                  str(self._stage) if self._stage else None, *keep]
+        private = []
+        for d in sorted({tmp, "/tmp", "/var/tmp", "/dev/shm"}):
+            if not os.path.isdir(d):
+                continue
+            keepers = sorted({x for x in wanted if x and x.startswith(d + "/")})
+            keepers = [x for x in keepers if not any(x.startswith(o + "/") for o in keepers)]
+            private.append((d, keepers))
+        hide = [h for h in hide
+                if not any((h == d or h.startswith(d + "/")) and not any(h.startswith(k + "/") for k in keepers)
+                           for d, keepers in private)]
         outer = []
         for h in sorted(set(hide)):  # a folder inside one already hidden needs nothing more
             if not any(h.startswith(o + "/") for o in outer):
