@@ -32,6 +32,10 @@ cross: weights_only refuses to rebuild them.
 The same Peer class runs on both sides; `trusted=True` (the judge) restricts what the other
 side may do with the judge's objects: call the objects the check passed, call their public
 methods, read their public plain-data attributes; results must be plain data.
+
+Why this is one module (both ends, proxies, bridge, encoding): docs/architecture.md. Reading a
+check cell's calls is `minigen.course.check_cells`; the worker's answer to "is this minigen's
+own implementation" is `minigen.course.integrity.reference_report` (both also importable here).
 """
 
 from __future__ import annotations
