@@ -119,9 +119,9 @@ from minigen.optim import LossModule, build_optimizers, split_loss
 from minigen.optim import default_optimizer, lr_factor  # public here too: their home is minigen.optim
 from minigen.plot import save_grid
 from minigen.rundir import LOCK_NAME, LOG_NAME, RunLockedError, read_log  # public here too: home is rundir
+from minigen.runtime import select_device, set_seed  # public here too: lessons import them from train
 
 _read_log = read_log  # the old private name
-from minigen.runtime import select_device, set_seed  # public here too: lessons import them from train
 
 _SCHEDULES = ("constant", "cosine", "linear")
 _PRECISIONS = runtime.PRECISIONS

@@ -50,7 +50,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from minigen.course import builder, probe
+from minigen.course import builder
+from minigen.course.check_cells import CheckCellError, parse_check_cell
 # each job in its own module; the names are importable from here too, as before the split
 from minigen.course.execute import GRACE_S, LINE_CAP, MAX_RESTARTS, run_notebook  # noqa: F401
 from minigen.course.feedback import feedback_markdown, write_feedback  # noqa: F401
@@ -103,9 +104,9 @@ def grade_submission(sub: Submission, sources: dict[str, Source], *, cell_timeou
         check = by_gid.get(ex.check_id)
         if check is not None:
             try:
-                calls, _ = probe.parse_check_cell(check["source"], source.aliases)
+                calls, _ = parse_check_cell(check["source"], source.aliases)
                 report_names[check["i"]] = sorted({v for c in calls for k, v in c[2] if k == "name"})
-            except (SyntaxError, probe.CheckCellError):
+            except (SyntaxError, CheckCellError):
                 pass
     results = run_notebook(cells, source.aliases, cell_timeout=cell_timeout, timeout=timeout,
                            threads=threads, box=box, report_names=report_names)

@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minigen.course import builder, probe
+from minigen.course import builder
+from minigen.course.check_cells import CheckCellError, parse_check_cell
 
 _CHECK_IMPORT = [
     re.compile(r"^\s*from\s+minigen\.course\.checks\s+import\s+(?P<mod>\w+)(?:\s+as\s+(?P<alias>\w+))?", re.M),
@@ -53,8 +54,8 @@ def load_sources(source_dir) -> dict[str, Source]:
         for cell in nb["cells"]:
             if cell["metadata"]["nbgrader"]["grade"]:
                 try:
-                    _, skipped = probe.parse_check_cell(builder.source_text(cell), src.aliases)
-                except (SyntaxError, probe.CheckCellError) as e:
+                    _, skipped = parse_check_cell(builder.source_text(cell), src.aliases)
+                except (SyntaxError, CheckCellError) as e:
                     skipped = [str(e)]
                 for line in skipped:
                     src.warnings.append(f"{p.stem}, {cell['metadata']['nbgrader']['grade_id']}: "
