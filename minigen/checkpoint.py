@@ -13,7 +13,8 @@ format 1 (same layout, written by minigen 0.1.0 before the field existed, like t
 reference checkpoints) and are migrated on load (`_MIGRATIONS`). A file from a newer minigen
 (format > `FORMAT`) is refused with a message saying to upgrade, never half-read.
 
-`fit` writes one (`save_checkpoint`) and resumes from it; `load_model` rebuilds the model
+`fit` builds one (`training_state`), writes it (`save_checkpoint`) and resumes from it
+(`restore_training_state`); `load_model` rebuilds the model
 from ``model_class`` + ``model_config`` (the CLI's `sample`, the latent diffusion model's
 autoencoder, the shipped reference weights all go through it). ``model_class`` is the
 class's import path, so a class keeps loading as long as that path imports: a module that
@@ -37,6 +38,7 @@ import random
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -388,8 +390,93 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.mps.set_rng_state(state["mps"])
 
 
+# ----------------------------------------------------------------------------- a training run's state
+# What `fit` writes every ckpt_every steps and resumes from: the layout in the docstring above.
+
+
+def training_state(model: nn.Module, ema, optimizers: dict, scalers: dict | None, step: int, rngs: list,
+                   train_config: dict) -> dict:
+    """A training run's checkpoint dict, every tensor copied to the CPU: a snapshot that
+    further training does not change (`fit` may hold it a step before writing it)."""
+    return snapshot({
+        **model_header(model),
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "scalers": {name: sc.state_dict() for name, sc in scalers.items()} if scalers else None,
+        "step": step,
+        "rng": rngs,
+        "train_config": train_config,
+    })
+
+
+def restore_training_state(ckpt: dict, model: nn.Module, optimizers: dict, scalers: dict | None, ema,
+                           out_dir) -> None:
+    """Load a training checkpoint's model, optimizer, grad-scaler and EMA states in place.
+
+    The optimizers' state (moments, step counts) continues; their hyperparameters (lr, betas,
+    weight decay) stay the ones they were built with: a resume with a lower lr must use it.
+    A model or optimizer set that does not fit the checkpoint is a CheckpointError saying what
+    differs and what to do. The step, the RNG states and the log are the caller's (`fit`).
+    """
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing/unexpected keys, size mismatch: another model config
+        saved, now = ckpt.get("model_config") or {}, model_header(model)["model_config"] or {}
+        diff = [f"{k}={saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)]
+        raise CheckpointError(
+            f"{out_dir} was trained with other model settings "
+            f"({'; '.join(diff) or str(e).splitlines()[0]}), so its checkpoint does not fit this model. "
+            f"To resume it, use the same settings (on the command line: the same --set options); to "
+            f"train this model from scratch, choose another out_dir (--out)") from None
+    ckpt_path = Path(out_dir) / CHECKPOINT_NAME
+    if set(ckpt["optimizers"]) != set(optimizers):
+        raise CheckpointError(f"{ckpt_path} has optimizers {sorted(ckpt['optimizers'])} but the "
+                              f"model now configures {sorted(optimizers)}")
+    for name, opt in optimizers.items():
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt.load_state_dict(ckpt["optimizers"][name])
+        for g, hyper in zip(opt.param_groups, fresh):
+            g.update(hyper)
+    if scalers is not None and ckpt.get("scalers"):
+        for name, sc in scalers.items():
+            sc.load_state_dict(ckpt["scalers"][name])
+    if ema is not None:
+        if ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        else:
+            warnings.warn(f"{ckpt_path} has no EMA state: the EMA restarts from the current weights")
+
+
+def snapshot(obj):
+    """A copy of a (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(snapshot(v) for v in obj)
+    return obj
+
+
+def first_non_finite(obj, where: str = "") -> str | None:
+    """The name of the first floating-point tensor in a nested state with a NaN or inf, or None."""
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
 __all__ = ["CHECKPOINT_NAME", "FORMAT", "CheckpointError", "atomic_save", "save_checkpoint", "load_checkpoint",
            "remove_stale_temp_files",
            "class_name", "model_header", "import_class", "config_class", "model_state", "rebuild", "resolve",
            "load_model",
-           "file_sha256", "weights_hash", "rng_state", "set_rng_state"]
+           "file_sha256", "weights_hash", "rng_state", "set_rng_state",
+           "training_state", "restore_training_state", "snapshot", "first_non_finite"]

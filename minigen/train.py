@@ -30,11 +30,11 @@ What `fit` handles, in the order a step meets it:
 - one run per ``out_dir``: `fit` holds ``out_dir/.lock`` (an flock, which the OS releases when
   the process dies, even by kill -9) while it runs; a second run on the same folder stops with
   RunLockedError naming the first one's PID. Holding it, `fit` deletes the temporary files
-  that killed checkpoint writes left there (`checkpoint.remove_stale_temp_files`).
+  that killed checkpoint writes left there (`minigen.rundir` holds the folder's jobs).
 - logging: a tqdm bar (loss, images/s), ``out_dir/log.jsonl`` every ``log_every`` steps
   (step, loss and the model's metrics averaged over the interval, lr, img_per_s, elapsed; with
   several optimizers ``loss_<name>`` and ``lr_<name>``; the file is only appended to, with a
-  marker line where a run resumes or a new run starts, see `read_log`),
+  marker line where a run resumes or a new run starts, see `rundir.read_log`),
   sample grids ``out_dir/samples/step_XXXXXX.png`` from ``model.sample_images(n)`` (drawn with a
   fixed seed and the EMA weights when there are any, in a forked RNG so that sampling never
   changes the training run).
@@ -95,12 +95,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import errno
-import json
 import math
 import numbers
 import os
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -112,25 +109,19 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm  # the text bar: tqdm.auto warns in notebooks without ipywidgets
 
-try:
-    import fcntl  # the run lock; POSIX only (on Windows runs are not locked)
-except ImportError:  # pragma: no cover
-    fcntl = None
-
-from minigen import runtime
+from minigen import rundir, runtime
 from minigen.batching import MicroBatchSampler, StepOrder, check_data, micro_batches, to_device
-from minigen.checkpoint import (CHECKPOINT_NAME, CheckpointError, load_checkpoint, model_header,
-                                remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state)
+from minigen.checkpoint import (CHECKPOINT_NAME, CheckpointError, first_non_finite, load_checkpoint,
+                                restore_training_state, rng_state, save_checkpoint, set_rng_state,
+                                training_state)
 from minigen.ema import EMA
+from minigen.optim import LossModule, build_optimizers, split_loss
+from minigen.optim import default_optimizer, lr_factor  # public here too: their home is minigen.optim
 from minigen.plot import save_grid
+from minigen.rundir import LOCK_NAME, LOG_NAME, RunLockedError, read_log  # public here too: home is rundir
 from minigen.runtime import select_device, set_seed  # public here too: lessons import them from train
 
-LOG_NAME = "log.jsonl"
-LOCK_NAME = ".lock"  # out_dir/.lock: flock'ed by the run using out_dir, holds its PID
-
-
-class RunLockedError(RuntimeError):
-    """out_dir is in use by another run (it holds out_dir/.lock)."""
+_read_log = read_log  # the old private name
 
 _SCHEDULES = ("constant", "cosine", "linear")
 _PRECISIONS = runtime.PRECISIONS
@@ -216,150 +207,9 @@ class TrainResult:
     step: int = 0  # optimizer steps done in total (including those before a resume)
 
 
-# -----------------------------------------------------------------------------
-# the learning-rate schedule and the optimizers
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """The multiplier on each param group's lr at (0-based) `step`.
-
-    Warm-up rises linearly, 1/W, 2/W, ..., 1 over steps 0..W-1. Then, with progress
-    p = (step - W) / (steps - W) going from 0 towards 1, "cosine" gives
-    m + (1 - m) * (1 + cos(pi p)) / 2 and "linear" m + (1 - m) * (1 - p), m = min_lr_ratio.
-    """
-    w = config.warmup_steps
-    if step < w:
-        return (step + 1) / w
-    if config.lr_schedule == "constant":
-        return 1.0
-    p = min(1.0, (step - w) / max(1, config.steps - w))
-    m = config.min_lr_ratio
-    if config.lr_schedule == "cosine":
-        return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
-    return m + (1 - m) * (1 - p)
-
-
-def default_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over all parameters: what `fit` uses when the model has no configure_optimizers.
-
-    On CUDA the fused kernel (one launch for all parameters instead of several per tensor) is
-    asked for; on the CPU the default implementation is kept: the fused CPU kernel measured
-    within noise of it (+0.7% on the U-Net step, docs/scale.md) and is newer code.
-    """
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                             weight_decay=config.weight_decay, fused=True if device.type == "cuda" else None)
-
-
-def _optimizers(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple[dict, bool]:
-    """-> ({name: optimizer}, several?): the model's configure_optimizers(config), else AdamW."""
-    opts = model.configure_optimizers(config) if hasattr(model, "configure_optimizers") \
-        else default_optimizer(model, config, device)
-    multi = isinstance(opts, dict)
-    opts = dict(opts) if multi else {"opt": opts}
-    if not opts or not all(isinstance(o, torch.optim.Optimizer) for o in opts.values()):
-        raise TypeError("configure_optimizers must return an Optimizer or a non-empty dict "
-                        f"name -> Optimizer, got {opts!r}")
-    for opt in opts.values():
-        for g in opt.param_groups:  # the schedule multiplies each group's own lr
-            g.setdefault("initial_lr", g["lr"])
-    return opts, multi
-
-
 def _precision(config: TrainConfig, device: torch.device):
     """-> (autocast dtype or None, use a GradScaler) for config.precision on `device`."""
     return runtime.autocast_dtype(config.precision, device)
-
-
-# -----------------------------------------------------------------------------
-# the loss as a module
-
-
-class _LossModule(nn.Module):
-    """Makes the loss computation the forward() of a module.
-
-    DDP synchronises gradients only for work done inside the forward of the module it wraps,
-    and torch.compile compiles forward; `training_loss` is a plain method, so we route it here.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Callable | None):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch, step: int, name: str | None = None):
-        if self.loss_fn is not None:
-            args = (self.model, batch, step) if name is None else (self.model, batch, step, name)
-            return self.loss_fn(*args)
-        args = (batch, step) if name is None else (batch, step, name)
-        return self.model.training_loss(*args)
-
-
-def _split_loss(out, where: str):
-    """-> (loss tensor, {metric name: scalar tensor or float})."""
-    if isinstance(out, dict):
-        if "loss" not in out:
-            raise TypeError(f"{where} returned a dict without a 'loss' key (keys: {sorted(out)}); "
-                            f"put the quantity to minimise under 'loss'")
-        metrics = {k: v for k, v in out.items() if k != "loss"}
-        for k, v in metrics.items():
-            if isinstance(v, torch.Tensor) and v.numel() != 1:
-                raise ValueError(f"{where}: metric {k!r} must be a scalar, got shape {tuple(v.shape)}")
-            if not isinstance(v, (torch.Tensor, int, float)):
-                raise TypeError(f"{where}: metric {k!r} must be a number or a scalar tensor, "
-                                f"got {type(v).__name__}")
-        out = out["loss"]
-    else:
-        metrics = {}
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{where} must return a scalar Tensor or a dict with a 'loss' Tensor, "
-                        f"got {type(out).__name__}")
-    if out.dim() != 0:
-        raise ValueError(f"{where} must return a scalar loss, got shape {tuple(out.shape)}; "
-                         f"did you forget .mean()?")
-    if not out.requires_grad:
-        raise ValueError(f"{where} returned a loss that does not require grad: it is not connected "
-                         f"to any trainable parameter (detached, or computed under no_grad?)")
-    return out, metrics
-
-
-
-# -----------------------------------------------------------------------------
-# the log
-
-
-def read_log(path, upto_step: float = math.inf) -> list[dict]:
-    """The log records of the latest run in a log.jsonl (or its run folder), steps <= upto_step.
-
-    log.jsonl is only ever appended to. A run that starts afresh where records already are
-    first writes ``{"event": "start", ...}``: the records above it belong to an earlier run.
-    A resumed run writes ``{"event": "resume", "step": s, ...}``: records above it past step s
-    were made by the interrupted run and are redone below it. This reads through both and
-    returns what the latest run's history is (the markers themselves left out).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / LOG_NAME
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if not isinstance(rec, dict):
-            continue
-        event = rec.get("event")
-        if event == "start":
-            records = []
-        elif event == "resume":
-            records = [r for r in records if r.get("step", math.inf) <= rec.get("step", -1)]
-        elif event is None:
-            records.append(rec)
-    return [r for r in records if r.get("step", math.inf) <= upto_step]
-
-
-_read_log = read_log  # the old private name
 
 
 # -----------------------------------------------------------------------------
@@ -465,7 +315,7 @@ class _Trainer:
             model.to(memory_format=torch.channels_last)
         model.train()
 
-        self.opts, self.multi = _optimizers(model, config, self.device)
+        self.opts, self.multi = build_optimizers(model, config, self.device)
         self.scalers = {name: torch.amp.GradScaler(self.device.type) for name in self.opts} if use_scaler else None
         self.ema = EMA(model, config.ema_decay) if config.ema_decay is not None else None
         self.loss_key = {name: (f"loss_{name}" if self.multi else "loss") for name in self.opts}
@@ -488,16 +338,12 @@ class _Trainer:
     # --- before the loop
 
     def lock_out_dir(self) -> None:
-        """Take out_dir/.lock (flock, released by the OS if this process dies) or raise
-        RunLockedError naming the run that holds it; then delete temp files of killed writes."""
+        """Take out_dir/.lock or raise RunLockedError naming the run that holds it; then delete
+        the temp files of killed writes (`minigen.rundir`)."""
         error = None
         if self.is_main and self.out_dir is not None:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except FileExistsError:
-                raise NotADirectoryError(errno.ENOTDIR, f"out_dir {self.out_dir} exists and is not a folder; "
-                                         "choose a folder path for the run", str(self.out_dir)) from None
-            error = self._flock()
+            rundir.make(self.out_dir)
+            self.lock_fd, error = rundir.lock(self.out_dir)
         if self.distributed:  # every rank stops if rank 0 could not lock
             box = [error]
             dist.broadcast_object_list(box, src=0)
@@ -505,36 +351,7 @@ class _Trainer:
         if error is not None:
             raise RunLockedError(error)
         if self.lock_fd is not None:
-            removed = remove_stale_temp_files(self.out_dir)
-            if removed:
-                warnings.warn(f"removed {len(removed)} temporary file(s) left in {self.out_dir} by a "
-                              f"killed checkpoint write: {', '.join(p.name for p in removed[:5])}")
-
-    def _flock(self) -> str | None:
-        """-> None when locked, else the message saying who holds the lock."""
-        if fcntl is None:
-            return None
-        path = self.out_dir / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").split()
-            os.close(fd)
-            pid = holder[0] if holder else "?"
-            where = f" on {holder[1]}" if len(holder) > 1 and holder[1] != socket.gethostname() else ""
-            return (f"{self.out_dir} is in use by another run (PID {pid}{where}): two runs writing one "
-                    f"folder would overwrite each other's checkpoints. Wait for it to finish (or stop it: "
-                    f"kill {pid}), or choose another out_dir (--out)")
-        except OSError as e:  # a filesystem without flock (some network mounts): run unlocked
-            os.close(fd)
-            warnings.warn(f"cannot lock {path} ({e.strerror}): nothing stops a second run from using "
-                          f"{self.out_dir} at the same time")
-            return None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        self.lock_fd = fd
-        return None
+            rundir.remove_stale_temp_files(self.out_dir)
 
     def resume_or_seed(self) -> None:
         """Continue from out_dir's checkpoint (model, optimizers, scalers, EMA, step, RNG, log),
@@ -546,35 +363,7 @@ class _Trainer:
             return
         # loaded on the CPU (RNG states must stay there); load_state_dict moves the rest
         ckpt = load_checkpoint(ckpt_path, expected_model=self.model)
-        try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:  # missing/unexpected keys, size mismatch: another model config
-            saved, now = ckpt.get("model_config") or {}, model_header(self.model)["model_config"] or {}
-            diff = [f"{k}={saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-                    if saved.get(k) != now.get(k)]
-            raise CheckpointError(
-                f"{self.out_dir} was trained with other model settings "
-                f"({'; '.join(diff) or str(e).splitlines()[0]}), so its checkpoint does not fit this model. "
-                f"To resume it, use the same settings (on the command line: the same --set options); to "
-                f"train this model from scratch, choose another out_dir (--out)") from None
-        if set(ckpt["optimizers"]) != set(self.opts):
-            raise CheckpointError(f"{ckpt_path} has optimizers {sorted(ckpt['optimizers'])} but the "
-                                  f"model now configures {sorted(self.opts)}")
-        for name, opt in self.opts.items():
-            # the optimizer's state (moments, step counts) continues; its hyperparameters (lr,
-            # betas, weight decay) are this call's: a resume with a lower lr must use it
-            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(ckpt["optimizers"][name])
-            for g, hyper in zip(opt.param_groups, fresh):
-                g.update(hyper)
-        if self.scalers is not None and ckpt.get("scalers"):
-            for name, sc in self.scalers.items():
-                sc.load_state_dict(ckpt["scalers"][name])
-        if self.ema is not None:
-            if ckpt.get("ema") is not None:
-                self.ema.load_state_dict(ckpt["ema"])
-            else:
-                warnings.warn(f"{ckpt_path} has no EMA state: the EMA restarts from the current weights")
+        restore_training_state(ckpt, self.model, self.opts, self.scalers, self.ema, self.out_dir)
         self.start = int(ckpt["step"])
         old = ckpt.get("train_config") or {}
         if old.get("batch_size", config.batch_size) != config.batch_size or old.get("seed", config.seed) != config.seed:
@@ -589,28 +378,12 @@ class _Trainer:
         self.history = read_log(self.out_dir / LOG_NAME, self.start)
 
     def open_log(self) -> None:
-        """Rank 0 appends to out_dir/log.jsonl, never overwrites it. Where records already are, a
-        marker first says what follows: a resume from step s, or a new run (see `read_log`)."""
-        if not (self.is_main and self.out_dir is not None):
-            return
-        path = self.out_dir / LOG_NAME
-        old = path.read_bytes() if path.exists() else b""
-        self.log_file = open(path, "a", encoding="utf-8")
-        if old.strip():
-            if not old.endswith(b"\n"):  # a line cut short by a crash: keep it on its own line
-                self.log_file.write("\n")
-            when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            marker = ({"event": "resume", "step": self.start, "time": when,
-                       "note": f"resumed from the checkpoint at step {self.start}; records above with a "
-                               f"larger step were redone below"} if self.resumed else
-                      {"event": "start", "step": 0, "time": when,
-                       "note": "a new run started in this folder (it had no checkpoint); the records "
-                               "above belong to an earlier run"})
-            self.log_file.write(json.dumps(marker) + "\n")
-        self.log_file.flush()
+        """Rank 0 appends to out_dir/log.jsonl, after a resume/start marker where records are."""
+        if self.is_main and self.out_dir is not None:
+            self.log_file = rundir.open_log(self.out_dir, self.start, self.resumed)
 
     def wrap_loss_module(self) -> nn.Module:
-        loss_module = _LossModule(self.model, self.loss_fn)
+        loss_module = LossModule(self.model, self.loss_fn)
         if self.distributed:
             # With several optimizers some parameters get no gradient in some phases (the generator
             # in the discriminator's), which DDP must be told to expect.
@@ -657,7 +430,7 @@ class _Trainer:
                 with (loss_module.no_sync() if no_sync else contextlib.nullcontext()):
                     with autocast():
                         out = loss_module(batch, step, name if multi else None)
-                    loss, metrics = _split_loss(out, self.where)
+                    loss, metrics = split_loss(out, self.where)
                     loss_scaled = loss / config.grad_accum
                     (scalers[name].scale(loss_scaled) if scalers else loss_scaled).backward()
                 # metrics/loss summed over micro-batches, as a mean
@@ -750,8 +523,7 @@ class _Trainer:
         rec["elapsed"] = now - self.t_start
         self.history.append(rec)
         if self.log_file is not None:
-            self.log_file.write(json.dumps(rec) + "\n")
-            self.log_file.flush()
+            rundir.append_log(self.log_file, rec)
         if not self.bar.disable:
             self.postfix["img/s"] = f"{rec['img_per_s']:.0f}"
             self.bar.set_postfix(self.postfix, refresh=False)
@@ -803,20 +575,12 @@ class _Trainer:
             rngs = [rng]
         if not self.is_main:
             return
-        state = _to_cpu({
-            **model_header(self.model),
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizers": {name: opt.state_dict() for name, opt in self.opts.items()},
-            "scalers": {name: sc.state_dict() for name, sc in self.scalers.items()} if self.scalers else None,
-            "step": done,
-            "rng": rngs,
-            "train_config": dataclasses.asdict(self.config),
-        })
+        state = training_state(self.model, self.ema, self.opts, self.scalers, done, rngs,
+                               dataclasses.asdict(self.config))
         if done < self.config.steps:
             self.held = state
             return
-        bad = _first_non_finite({"model": state["model"], "ema": state["ema"], "optimizers": state["optimizers"]})
+        bad = first_non_finite({"model": state["model"], "ema": state["ema"], "optimizers": state["optimizers"]})
         if bad is not None:
             raise FloatingPointError(
                 f"the last update (step {done - 1}) made {bad} non-finite. Try a lower lr (now "
@@ -854,37 +618,11 @@ class _Trainer:
             self.bar.close()
         if self.log_file is not None:
             self.log_file.close()
-        if self.lock_fd is not None:  # release out_dir (closing the descriptor drops the flock)
-            os.close(self.lock_fd)
+        if self.lock_fd is not None:  # release out_dir
+            rundir.unlock(self.lock_fd)
             self.lock_fd = None
         if not self.was_training:
             self.model.eval()
-
-
-def _to_cpu(obj):
-    """A copy of a (nested) state dict with every tensor copied to the CPU: a snapshot that
-    further training does not change."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _first_non_finite(obj, where: str = "") -> str | None:
-    """The name of the first floating-point tensor in a nested state with a NaN or inf, or None."""
-    if isinstance(obj, torch.Tensor):
-        return where if obj.is_floating_point() and not torch.isfinite(obj).all() else None
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        bad = _first_non_finite(v, f"{where}.{k}" if where else str(k))
-        if bad is not None:
-            return bad
-    return None
 
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "read_log", "RunLockedError", "LOCK_NAME", "lr_factor", "default_optimizer", "EMA", "CheckpointError",

@@ -11,26 +11,21 @@ diffusers is NOT a dependency of minigen: run this from a separate environment,
 Each case starts from fixed N(0, I) noise, runs the scheduler's own loop
 (scale_model_input -> fake model -> step) and records every network call (its input and
 timestep), the scheduler's sigmas/timesteps and the final sample. The fake model is a
-fixed smooth nonlinear function of (x, t), defined here and, identically, in the test.
-Nothing of minigen is imported.
+fixed smooth nonlinear function of (x, t), defined once in tests/_fake_sampler_model.py
+and imported from there by this script and by the test. Nothing of minigen is imported.
 """
 
 import json
-import math
+import sys
 from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "sampler_trajectories.json"
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+OUT = TESTS / "fixtures" / "sampler_trajectories.json"
+sys.path.insert(0, str(TESTS))
+from _fake_sampler_model import fake_model  # noqa: E402 - the one definition, shared with the test
 SHAPE = (2, 1, 3, 3)
-
-
-def fake_model(x, t):
-    """The fixed "network": smooth in x and t, different at every position (float64 math)."""
-    x = x.double()
-    phase = torch.arange(x[0].numel(), dtype=torch.float64).view(x.shape[1:]) * 0.37
-    t = float(t)
-    return (0.7 + 0.2 * math.cos(t / 300.0)) * torch.tanh(x) + 0.3 * torch.cos(t / 250.0 + phase)
 
 
 def rounded(x):

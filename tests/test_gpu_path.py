@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigen import train
+from minigen import optim
 from minigen.batching import to_device as _to_device
+from minigen.optim import LossModule
 from minigen.runtime import cuda_bf16
-from minigen.train import TrainConfig, _LossModule, _precision, default_optimizer, fit
+from minigen.train import TrainConfig, _precision, default_optimizer, fit
 
 QUIET = dict(progress=False, log_every=1)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -99,13 +100,13 @@ def test_fused_adamw_is_asked_for_only_on_cuda():
 
 def test_fit_builds_its_optimizer_with_default_optimizer(monkeypatch):
     calls = []
-    real = train.default_optimizer
+    real = optim.default_optimizer
 
     def spy(model, config, device):
         calls.append(device)
         return real(model, config, device)
 
-    monkeypatch.setattr(train, "default_optimizer", spy)
+    monkeypatch.setattr(optim, "default_optimizer", spy)
     fit(net(), data(), steps=1, batch_size=8, device="cpu", **QUIET)
     assert calls == [torch.device("cpu")]
 
@@ -206,7 +207,7 @@ def test_compile_wraps_the_loss_and_trains_identically(monkeypatch):
     torch._dynamo.reset()
     ref = fit(net(), data(), steps=3, batch_size=8, lr=1e-2, **QUIET)
     res = fit(net(), data(), steps=3, batch_size=8, lr=1e-2, compile=True, **QUIET)
-    assert len(compiled) == 1 and isinstance(compiled[0], _LossModule)
+    assert len(compiled) == 1 and isinstance(compiled[0], LossModule)
     assert compiled[0].model is res.model  # the compiled wrapper never replaces the result
     assert max_diff(ref.model, res.model) < 1e-6
     assert [round(h["loss"], 6) for h in ref.history] == [round(h["loss"], 6) for h in res.history]

@@ -5,7 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from minigen import builtin_data, checkpoint, cli, data, downloads, evaluate, runtime, train
+from minigen import builtin_data, checkpoint, cli, data, downloads, evaluate, optim, rundir, runtime, train
+from minigen.course import (check_cells, execute, feedback, grader, integrity, probe, results,
+                            submissions)
 from minigen.autoencoder import AutoEncoder, AutoEncoderConfig
 
 
@@ -20,6 +22,32 @@ def test_moved_names_are_the_same_objects_from_their_old_module():
         data.no_such_name
     assert train.select_device is runtime.select_device and train.set_seed is runtime.set_seed
     assert train.load_checkpoint is checkpoint.load_checkpoint and train.CheckpointError is checkpoint.CheckpointError
+    for name in ("RunLockedError", "LOCK_NAME", "LOG_NAME", "read_log"):
+        assert getattr(train, name) is getattr(rundir, name)
+    assert train._read_log is rundir.read_log
+    for name in ("lr_factor", "default_optimizer"):
+        assert getattr(train, name) is getattr(optim, name)
+    for name in train.__all__:
+        assert getattr(train, name) is not None
+
+
+@pytest.mark.parametrize("home, names", [
+    (submissions, ["Source", "load_sources", "check_aliases", "Submission", "collect", "identify",
+                   "MetadataError", "plan_cells"]),
+    (execute, ["GRACE_S", "MAX_RESTARTS", "LINE_CAP", "run_notebook"]),
+    (integrity, ["static_references"]),
+    (results, ["ExerciseGrade", "NotebookGrade"]),
+    (feedback, ["feedback_markdown"]),
+])
+def test_grader_names_are_the_same_objects_from_their_new_homes(home, names):
+    for name in names:
+        assert getattr(grader, name) is getattr(home, name), name
+
+
+def test_probe_names_are_the_same_objects_from_their_new_homes():
+    assert probe.reference_report is integrity.reference_report
+    assert probe.parse_check_cell is check_cells.parse_check_cell
+    assert probe.CheckCellError is check_cells.CheckCellError
 
 
 def _saved_autoencoder(tmp_path, **header):

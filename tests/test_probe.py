@@ -356,36 +356,29 @@ def test_arguments_from_the_checks_own_graph():
     assert torch.allclose(got, adaptive_weight(rec, gl, w)) and w.grad is None
 
 
-def test_backward_reaches_the_parameters_of_a_trusted_model():
-    """training_loss(model, x0): loss = mse(model(x_t), noise); loss.backward() fills model's grads."""
+def _training_loss(model, x0):
+    return ((model(x0 * 0.5) - x0) ** 2).mean()
+
+
+@pytest.mark.parametrize("how", ["backward", "autograd.grad"])
+def test_gradients_of_a_remote_loss_reach_a_trusted_models_parameters(how):
+    """training_loss(model, x0) runs in the worker on the check's model; then loss.backward()
+    fills the model's grads (ex.check_training_loss), and torch.autograd.grad(loss, params)
+    returns them through worker and callback (ex.gradients_flow) without touching .grad."""
     model = nn.Linear(4, 4)
-
-    def training_loss(model, x0):
-        return ((model(x0 * 0.5) - x0) ** 2).mean()
-
+    params = [model.weight, model.bias]
     x0 = torch.randn(6, 4)
-    with Worker({"training_loss": training_loss}) as wk:
+    with Worker({"training_loss": _training_loss}) as wk:
         loss = wk.get("training_loss")(model, x0)
         assert loss.requires_grad
-        loss.backward()
-    remote = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    training_loss(model, x0).backward()
-    for a, b in zip(remote, model.parameters()):
-        assert torch.allclose(a, b.grad, atol=1e-6)
-
-
-def test_autograd_grad_reaches_a_trusted_models_parameters():
-    """ex.gradients_flow(loss, {"w": model.w}): torch.autograd.grad through worker and callback."""
-    model = nn.Linear(4, 4)
-
-    def training_loss(model, x0):
-        return ((model(x0 * 0.5) - x0) ** 2).mean()
-
-    x0 = torch.randn(6, 4)
-    with Worker({"training_loss": training_loss}) as wk:
-        loss = wk.get("training_loss")(model, x0)
-        gw, gb = torch.autograd.grad(loss, [model.weight, model.bias])
-    assert model.weight.grad is None
-    rw, rb = torch.autograd.grad(training_loss(model, x0), [model.weight, model.bias])
-    assert torch.allclose(gw, rw, atol=1e-6) and torch.allclose(gb, rb, atol=1e-6)
+        if how == "backward":
+            loss.backward()
+            remote = [p.grad.clone() for p in params]
+            model.zero_grad()
+        else:
+            remote = torch.autograd.grad(loss, params)
+    if how == "autograd.grad":
+        assert model.weight.grad is None and model.bias.grad is None
+    expected = torch.autograd.grad(_training_loss(model, x0), params)
+    for a, b in zip(remote, expected):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _fake_sampler_model import fake_model  # the "network" the fixtures were recorded with
 
 from minigen import diffusion as D
 from minigen import flow as F
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "sampler_trajectories.json").read_text())["cases"]
 EPS32 = float(torch.finfo(torch.float32).eps)
-
-
-def fake_model(x, t):
-    """The fixed "network" of scripts/make_sampler_fixtures.py (the same formula)."""
-    x = x.double()
-    phase = torch.arange(x[0].numel(), dtype=torch.float64).view(x.shape[1:]) * 0.37
-    t = float(t)
-    return (0.7 + 0.2 * math.cos(t / 300.0)) * torch.tanh(x) + 0.3 * torch.cos(t / 250.0 + phase)
 
 
 def recording(calls):

@@ -32,11 +32,14 @@ cross: weights_only refuses to rebuild them.
 The same Peer class runs on both sides; `trusted=True` (the judge) restricts what the other
 side may do with the judge's objects: call the objects the check passed, call their public
 methods, read their public plain-data attributes; results must be plain data.
+
+Why this is one module (both ends, proxies, bridge, encoding): docs/architecture.md. Reading a
+check cell's calls is `minigen.course.check_cells`; the worker's answer to "is this minigen's
+own implementation" is `minigen.course.integrity.reference_report` (both also importable here).
 """
 
 from __future__ import annotations
 
-import ast
 import builtins
 import io
 import json
@@ -51,6 +54,9 @@ import time
 import traceback
 
 import torch
+
+from minigen.course.check_cells import CheckCellError, parse_check_cell  # noqa: F401 - also probe.X, as before
+from minigen.course.integrity import reference_report
 
 MAX_ENVELOPE = 1 << 20          # JSON part of one message (bytes)
 MAX_PAYLOAD = 256 << 20          # torch.save part of one message (bytes)
@@ -926,119 +932,7 @@ def _with_grads(items, method):
     return out
 
 
-# ---------------------------------------------------------------------------- integrity
-def reference_report(obj, depth: int = 0) -> str | None:
-    """Worker side: 'minigen.x.y' when `obj` is, wraps or calls minigen's own implementation.
-
-    A function counts when it is a minigen function or class (outside minigen.course), a
-    functools.partial/bound method/decorated wrapper of one, or when its code reads a
-    global or closure variable bound to one whose name is the same as its own.
-    """
-    import functools
-    import types
-
-    def minigen_name(x):
-        x = getattr(x, "__func__", x)
-        mod = getattr(x, "__module__", None) or ""
-        if isinstance(mod, str) and mod.startswith("minigen.") and not mod.startswith("minigen.course"):
-            return f"{mod}.{getattr(x, '__qualname__', getattr(x, '__name__', '?'))}"
-        return None
-
-    if obj is None or depth > 3:
-        return None
-    try:
-        hit = minigen_name(obj)
-        if hit:
-            return hit
-        if isinstance(obj, functools.partial):
-            return reference_report(obj.func, depth + 1)
-        inner = getattr(obj, "__wrapped__", None)
-        if inner is not None and inner is not obj:
-            hit = reference_report(inner, depth + 1)
-            if hit:
-                return hit
-        fn = getattr(obj, "__func__", obj)
-        if isinstance(obj, type):  # a class: its methods
-            for v in vars(obj).values():
-                if isinstance(v, types.FunctionType):
-                    hit = _code_refs(v, obj.__name__)
-                    if hit:
-                        return hit
-            return None
-        if isinstance(fn, types.FunctionType):
-            return _code_refs(fn, fn.__name__)
-    except Exception:  # noqa: BLE001 - learner objects can raise from any attribute
-        return None
-    return None
-
-
-def _code_refs(fn, own_name):
-    import types
-
-    names, stack = set(), [fn.__code__]
-    while stack:
-        code = stack.pop()
-        names.update(code.co_names)
-        names.update(code.co_freevars)
-        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    values = []
-    g = fn.__globals__
-    for n in names:
-        if n in g:
-            values.append(g[n])
-    for cell in fn.__closure__ or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:
-            pass
-    for v in values:
-        candidates = [v]
-        if isinstance(v, types.ModuleType) and getattr(v, "__name__", "").startswith("minigen"):
-            candidates = [getattr(v, own_name, None)]
-            for sub in vars(v).values():
-                if isinstance(sub, types.ModuleType):
-                    candidates.append(getattr(sub, own_name, None))
-        for c in candidates:
-            if c is None or c is fn:
-                continue
-            mod = getattr(getattr(c, "__func__", c), "__module__", "") or ""
-            if (isinstance(mod, str) and mod.startswith("minigen.") and not mod.startswith("minigen.course")
-                    and getattr(c, "__name__", None) == own_name):
-                return f"{mod}.{own_name}"
-    return None
-
-
 # ---------------------------------------------------------------------------- check cells
-class CheckCellError(ValueError):
-    """A check cell contains something other than calls of check functions."""
-
-
-def parse_check_cell(source: str, aliases: dict[str, str]) -> tuple[list, list[str]]:
-    """The check calls of a cell: [(module, function, [args], {kwargs})] with args as
-    ("name", learner_name) or ("const", value); and the lines that are not check calls."""
-    tree = ast.parse(source)
-    calls, skipped = [], []
-
-    def arg(node):
-        if isinstance(node, ast.Name):
-            return ("name", node.id)
-        try:
-            return ("const", ast.literal_eval(node))
-        except ValueError:
-            raise CheckCellError(f"argument `{ast.unparse(node)}` is neither a name nor a constant") from None
-
-    for stmt in tree.body:
-        call = stmt.value if isinstance(stmt, ast.Expr) else None
-        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                and isinstance(call.func.value, ast.Name) and call.func.value.id in aliases
-                and not call.func.attr.startswith("_")):
-            calls.append((aliases[call.func.value.id], call.func.attr, [arg(a) for a in call.args],
-                          {k.arg: arg(k.value) for k in call.keywords if k.arg}))
-        else:
-            skipped.append(ast.get_source_segment(source, stmt) or ast.unparse(stmt))
-    return calls, skipped
-
-
 def run_check_cell(peer: Peer, source: str, aliases: dict[str, str]) -> None:
     """Judge: run the check calls of one cell with proxies for the learner's names."""
     import importlib
