@@ -579,12 +579,13 @@ HINTS = {
         "gate and add it to x.",
     ),
     "9.5": (
-        "DPM-Solver++ integrates the ODE exactly in lambda = log(alpha / sigma) for a constant x0 "
+        "DPM-Solver++ integrates the ODE exactly in the log of alpha over sigma for a constant x0 "
         "prediction, and improves the constant with a finite difference of the last two predictions.",
-        "e^-h is (sigma_next times alpha) over (alpha_next times sigma). Without a previous prediction, "
-        "or when sigma_next is 0, D is x0_pred. Otherwise compute the three lambdas, r = (lambda - "
-        "lambda_prev) / (lambda_next - lambda), and D = x0_pred + (x0_pred - prev_x0_pred) / (2 r). "
-        "x_next is sigma_next / sigma times x plus alpha_next times (1 - e^-h) times D.",
+        "e^-h is sigma_next times alpha, divided by alpha_next times sigma. Without a previous prediction, or "
+        "when sigma_next is 0, D is the current x0 prediction. Otherwise compute the log of alpha over sigma at the previous, "
+        "current and next points; r is the previous step in it divided by the current one, and D is the "
+        "current prediction plus the difference of the current and previous predictions divided by 2 r. "
+        "x_next is sigma_next over sigma times x, plus alpha_next times one minus e^-h times D.",
     ),
 }
 
