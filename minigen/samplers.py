@@ -293,30 +293,50 @@ def _x0(model_fn, to_x0, x, grid, i, clip):
     return x0.clamp(-1, 1) if clip else x0
 
 
+def dpm_solver_pp_2m_step(x, x0_pred, prev_x0_pred, alpha, sigma, alpha_next, sigma_next, alpha_prev=None,
+                          sigma_prev=None):
+    """One DPM-Solver++(2M) update from the point (alpha, sigma) to (alpha_next, sigma_next).
+
+    x0_pred: the denoiser's x0_hat at x; prev_x0_pred: its x0_hat at the previous point
+    (alpha_prev, sigma_prev), or None. With lambda = log(alpha / sigma), h = lambda_next -
+    lambda and r = h_prev / h = (lambda - lambda_prev) / h:
+
+        D = x0_pred                                          (first order: no history, or sigma_next = 0)
+        D = x0_pred + (x0_pred - prev_x0_pred) / (2 r)      (second order)
+        x_next = (sigma_next / sigma) x + alpha_next (1 - e^-h) D
+
+    e^-h = (sigma_next alpha) / (alpha_next sigma) is 0 at the last step (sigma_next = 0),
+    where x_next = alpha_next D, without inf - inf. Scalars are Python floats.
+    """
+    exp_neg_h = (sigma_next * alpha) / (alpha_next * sigma)
+    d = x0_pred
+    if prev_x0_pred is not None and sigma_next > 0:
+        lam, lam_prev, lam_next = (math.log(alpha / sigma), math.log(alpha_prev / sigma_prev),
+                                   math.log(alpha_next / sigma_next))
+        r = (lam - lam_prev) / (lam_next - lam)  # h_prev / h
+        d = x0_pred + 0.5 * (x0_pred - prev_x0_pred) / r
+    return (sigma_next / sigma) * x + alpha_next * (1 - exp_neg_h) * d
+
+
 @torch.no_grad()
-def dpm_solver_pp_2m(model_fn, x_T, grid: Grid, to_x0, *, clip_denoised=False, progress=False, callback=None):
+def dpm_solver_pp_2m(model_fn, x_T, grid: Grid, to_x0, *, clip_denoised=False, progress=False, callback=None,
+                     step=dpm_solver_pp_2m_step):
     """DPM-Solver++(2M) from x_T (the state at grid point 0, e.g. N(0, I) noise) to the
     clean sample. to_x0(out, x, alpha, sigma) turns the network's output into x0_hat
     (VPSchedule.to_x0, FlowSchedule.to_x0); clip_denoised clamps x0_hat to [-1, 1]
     (static thresholding, pixel space only). The first step (no history) and the last
     (to sigma = 0) are first order. callback(i, x) sees the state after every step.
+    step: the update (dpm_solver_pp_2m_step's signature; a lesson passes the learner's own).
+    It gets no history after a point with alpha = 0 (flow at t = 1, lambda = -inf).
     """
     a, s = grid.alphas.tolist(), grid.sigmas.tolist()
     K = len(grid)
-    lam = [math.log(ai / si) if ai > 0 and si > 0 else (math.inf if si == 0 else -math.inf) for ai, si in zip(a, s)]
     x, prev = x_T, None
     for i in _progress(range(K), progress, "dpmsolver++"):
         d0 = _x0(model_fn, to_x0, x, grid, i, clip_denoised)
-        # e^-h = (sigma_next alpha) / (alpha_next sigma): 0 at the last step (sigma_next = 0)
-        # and at a first point with alpha = 0 (flow at t = 1), without inf - inf
-        exp_neg_h = (s[i + 1] * a[i]) / (a[i + 1] * s[i])
-        first_order = prev is None or i == K - 1 or not math.isfinite(lam[i - 1])
-        if first_order:
-            d = d0
-        else:
-            r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])  # h_prev / h
-            d = d0 + 0.5 * (d0 - prev) / r
-        x = (s[i + 1] / s[i]) * x + a[i + 1] * (1 - exp_neg_h) * d
+        has_history = prev is not None and a[i - 1] > 0
+        x = step(x, d0, prev if has_history else None, a[i], s[i], a[i + 1], s[i + 1],
+                 a[i - 1] if has_history else None, s[i - 1] if has_history else None)
         prev = d0
         if callback is not None:
             callback(i, x)
@@ -382,4 +402,4 @@ def diffusion_sample(model_fn, x_T, alphas_cumprod, *, sampler="dpmsolver++", st
 
 
 __all__ = ["SAMPLERS", "DEFAULT_STEPS", "KARRAS_SIGMA_MAX", "Grid", "VPSchedule", "FlowSchedule", "shift_time", "karras_sigmas", "dpm_timesteps",
-           "dpm_solver_pp_2m", "heun", "diffusion_sample", "nfe"]
+           "dpm_solver_pp_2m", "dpm_solver_pp_2m_step", "heun", "diffusion_sample", "nfe"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigen.course.checks import l00, l01, l02, l03, l04, l05, l06, l07, l08
+from minigen.course.checks import l00, l01, l02, l03, l04, l05, l06, l07, l08, l09
 
 from _check_helpers import fails, stub
 
@@ -51,6 +51,11 @@ RIGHT = [
     (l06.classifier_free_guidance_hidden, (lambda u, c, w: torch.lerp(u, c, w),)),
     (l07.latent_scaling_hidden, (lambda z: 1 / float(z.std()), lambda f, x, s: f(x) * s, lambda f, z, s: f(z / s))),
     (l08.pareto_front_hidden, (_pareto,)),
+    (l09.flow_matching_loss_hidden, (lambda model, x0, *, t, noise, time_scale=1000.0, **kw: F.mse_loss(
+        model((1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise, t * time_scale), noise - x0),)),
+    (l09.euler_step_hidden, (lambda x, t, t_next, v: torch.lerp(x, x + v, t_next - t),)),
+    (l09.dpm_solver_pp_2m_step_hidden, (lambda x, d0, prev, a, s, an, sn, ap=None, sp=None:
+                                        (sn / s) * x + an * (1 - sn * a / (an * s)) * d0,)),
 ]
 
 
@@ -79,6 +84,11 @@ WRONG = [
     (l07.latent_scaling_hidden, (lambda z: 1 / float(z.abs().max()), lambda f, x, s: f(x) * s, lambda f, z, s: f(z / s)), "expected 0.25"),
     (l07.latent_scaling_hidden, (lambda z: 1 / float(z.std()), lambda f, x, s: f(x) * s, lambda f, z, s: f(z) / s), "decode(encode(x))"),
     (l08.pareto_front_hidden, (lambda c, e: torch.ones(len(c), dtype=torch.bool),), "[True, False]"),
+    (l09.flow_matching_loss_hidden, (lambda model, x0, *, t, noise, time_scale=1000.0, **kw: F.mse_loss(
+        model(t.view(-1, 1, 1, 1) * x0 + (1 - t.view(-1, 1, 1, 1)) * noise, t * time_scale), noise - x0),), "t = 0"),
+    (l09.euler_step_hidden, (lambda x, t, t_next, v: (x + (t_next - t) * v).float(),), "float64"),
+    (l09.dpm_solver_pp_2m_step_hidden, (lambda x, d0, prev, a, s, an, sn, ap=None, sp=None: (sn / s) * x + an * (
+        1 - math.exp(math.log(a / s) - math.log(an / sn))) * d0,), "alpha = 0"),
 ]
 
 
