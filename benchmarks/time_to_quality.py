@@ -25,11 +25,15 @@ and were clocked in wall time at one thread; their JSON has no "clock" field.
     # beside the figure), with a U-Net or a DiT
     python benchmarks/time_to_quality.py lflow --steps 3000 --eval-every 500 --out ttq_latent_flow_unet.json
     python benchmarks/time_to_quality.py lflow --set backbone=dit --out ttq_latent_flow_dit.json
+    # the control: the same latents, U-Net, labels and recipe, trained as lesson 06's
+    # v-prediction diffusion (cosine schedule) and sampled by DPM-Solver++ at 10 evaluations
+    python benchmarks/time_to_quality.py ldiff --steps 600 --eval-every 300 --out ttq_latent_vdiffusion_unet.json
     python benchmarks/time_to_quality.py --plot benchmarks/results/ttq_*.json --figure ttq.png
 
 Samples. ddpm / ldm: DDIM with the model's sample_steps (25) and guidance scale, as the
 2026-12-04 rows were made; flow / lflow: the flow model's fast solver, DPM-Solver++(2M) on the
-uniform flow grid at --sample-steps (10) network evaluations, guidance --guidance (2, the
+uniform flow grid at --sample-steps (10) network evaluations (ldiff: DPM-Solver++(2M) on its
+trailing timesteps, the same count), guidance --guidance (2, the
 reference DDPM's). Class-conditional models get every class equally often, the text LDM the
 captions of the first test images. Accuracy is the judge's class accuracy (class labels)
 or caption accuracy (text: shape and colour both right).
@@ -87,7 +91,7 @@ def build(args, train_set):
 
         return model, train_set, kw, sample
 
-    if args.model in ("flow", "lflow"):
+    if args.model in ("flow", "lflow", "ldiff"):
         return build_flow(args, train_set, overrides)
 
     from minigen import ldm
@@ -146,7 +150,13 @@ def build_flow(args, train_set, overrides):
         args.encode_cpu_s, args.encode_wall_s = time.process_time() - cpu0, time.perf_counter() - wall0
         backbone = overrides.get("backbone", "unet")
         defaults = FLOW_DEFAULTS["lflow-dit" if backbone == "dit" else "lflow"]
-        model = flow.build({**defaults, "clip_denoised": False, **overrides}, tuple(z.shape[1:]), n_cls)
+        if args.model == "ldiff":  # the control: lesson 06's v-prediction diffusion, same network and data
+            from minigen import diffusion
+
+            model = diffusion.build({**defaults, "prediction_type": "v", "beta_schedule": "cosine",
+                                     "clip_denoised": False, **overrides}, tuple(z.shape[1:]), n_cls)
+        else:
+            model = flow.build({**defaults, "clip_denoised": False, **overrides}, tuple(z.shape[1:]), n_cls)
         data_ = torch.utils.data.TensorDataset(z, labels)
         decode = lat.decode
         args.scale_factor = lat.scale_factor
@@ -163,7 +173,7 @@ def build_flow(args, train_set, overrides):
 def run(args):
     torch.set_num_threads(1)  # the clock is one thread's CPU time
     torch.manual_seed(args.seed)
-    if args.model == "lflow" and not args.autoencoder:
+    if args.model in ("lflow", "ldiff") and not args.autoencoder:
         from minigen import reference
 
         args.autoencoder = str(reference.path("vqgan"))
@@ -187,7 +197,7 @@ def run(args):
                       "train_wall_s: wall seconds of the same steps",
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"), label=args.label,
                 sampler=(f"{args.sampler} {args.sample_steps} steps, guidance {args.guidance:g}"
-                         if args.model in ("flow", "lflow") else "DDIM, the model's sample_steps and guidance"),
+                         if args.model in ("flow", "lflow", "ldiff") else "DDIM, the model's sample_steps and guidance"),
                 encode_cpu_s=getattr(args, "encode_cpu_s", None), encode_wall_s=getattr(args, "encode_wall_s", None))
     print(f"# {head}", flush=True)
     print(f"{'step':>6} | {'train min':>9} | {'FD-shapes':>9} | {'FD / rvr':>8} | {'accuracy':>8} | {'eval s':>6}")
@@ -231,7 +241,8 @@ def first_reach(rows, factor=2.0):
 
 
 LABELS = {"ddpm": "pixel DDPM, class label", "ldm": "latent diffusion, text prompt",
-          "flow": "pixel flow matching, class label", "lflow": "latent flow matching, class label"}
+          "flow": "pixel flow matching, class label", "lflow": "latent flow matching, class label",
+          "ldiff": "latent v-diffusion, class label"}
 
 
 def plot(files, figure):
@@ -273,7 +284,7 @@ def plot(files, figure):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", choices=["ddpm", "ldm", "flow", "lflow"])
+    p.add_argument("model", nargs="?", choices=["ddpm", "ldm", "flow", "lflow", "ldiff"])
     p.add_argument("--autoencoder", default=None,
                    help="ldm: the autoencoder checkpoint (lflow always uses the reference VQGAN)")
     p.add_argument("--steps", type=int, default=1800)
@@ -297,9 +308,9 @@ def main(argv=None):
     if args.plot:
         return plot(args.plot, args.figure)
     if not args.model:
-        p.error("give a model (ddpm, ldm, flow or lflow) or --plot")
-    if args.model == "lflow" and args.autoencoder:
-        p.error("lflow trains on the reference VQGAN's latents; --autoencoder is for ldm")
+        p.error("give a model (ddpm, ldm, flow, lflow or ldiff) or --plot")
+    if args.model in ("lflow", "ldiff") and args.autoencoder:
+        p.error(f"{args.model} trains on the reference VQGAN's latents; --autoencoder is for ldm")
     args.work = str(Path(args.work) / (Path(args.out).stem if args.out else args.model))
     run(args)
 

@@ -8,11 +8,19 @@ measures what can be measured in seconds:
     VAE (digits)            test ELBO, samples: FD-digits, precision / recall
     VQ-VAE                  reconstruction PSNR, codebook usage
     VQ-VAE + GPT prior      class-conditional samples: FD-shapes, precision / recall, accuracy
-    VQGAN                   reconstruction PSNR, codebook usage (its latents feed the LDM)
+    VQGAN                   reconstruction PSNR, codebook usage
     VQGAN + GPT prior       as the VQ-VAE prior, over the VQGAN's codes
-    DDPM                    one U-Net; 1000-step ancestral sampling timed on a few images
-    DPM-Solver++            the same U-Net, 10 evaluations: FD, precision / recall, accuracy
-    latent diffusion        text prompts through the tour's VQGAN: FD, caption accuracy
+    flow matching           class-conditional, on the shipped reference VQGAN's latents (the
+                            recipe benchmarks/time_to_quality.py found fastest), sampled with
+                            DPM-Solver++ in 10 evaluations: FD, precision / recall, accuracy
+    latent diffusion        text prompts, on the same latents: FD, caption accuracy
+
+Beside each minute-scale result stands the same family's shipped reference checkpoint
+(minigen.reference: VAE, VQ-VAE, VQGAN, both priors, the pixel DDPM, the LDM), sampled or
+reconstructing here with the same sampler, n and metrics, plus the figures its manifest
+records: what a few minutes buy next to what the architecture does with more training.
+The pixel DDPM is no longer trained by the tour (its 300 steps cost 4 of the tour's 11
+minutes and gave class accuracy 0.38); its reference row shows it, sampled in 10 evaluations.
 
 `report.md` holds one table and a gallery (a PNG per family); `report.json` the same
 figures plus the environment and the wall and CPU time of every stage. A stage that fails
@@ -26,15 +34,14 @@ through minigen.evaluate, as the reference checkpoints' do; the tour's sample fi
 (`_sample_quality`) compare against the judge's test-split statistics and the training
 images, a protocol of its own that its published numbers were measured with.
 
-Budgets: the default tour is sized for under 10 minutes on an idle 2-core CPU. Measured
-on 2026-11-25 (AMD EPYC, 2 vCPUs, torch 2.13, one thread on a loaded machine) it used
-686 CPU seconds in all: autoencoder 26, VAE 48, VQ-VAE + prior 85, VQGAN + prior 122,
-DDPM / DDIM 265, latent diffusion 139 (then sampled with DDIM 25 steps; DPM-Solver++ at 10
-evaluations now spends 2/5 of those network calls); two threads on an idle machine finish it in roughly
-0.5-0.6x that as wall time (the ratio the previous tour's DDPM stage showed), about
-6-7 minutes. report.json records each stage's wall and CPU seconds, so a run shows where
-the time went. `--quick` (or MINIGEN_QUICK=1) shrinks every stage to seconds, for tests. These are minute-scale budgets: lesson 08 and the reference
-checkpoints (minigen.reference) show what the same models do with more training.
+Budgets: the default tour is sized for under 10 minutes on an idle 2-core CPU, with or
+without AVX-512. Measured before this layout (2026-11-25, one thread on a loaded machine):
+686 CPU seconds, of which the pixel DDPM stage took 265 and latent diffusion 139; an idle
+AVX2-only EPYC took 11.3 minutes of wall time, so wall time on two threads is close to the
+one-thread CPU time for these small models. The flow stage that replaces the DDPM stage and
+the reference rows were measured on 2026-12-07 (see the README's Results). report.json
+records each stage's wall and CPU seconds, so a run shows where the time went. `--quick` (or
+MINIGEN_QUICK=1) shrinks every stage to seconds, for tests.
 """
 
 from __future__ import annotations
