@@ -272,9 +272,9 @@ def plot(files, figure):
               f"{last['fd']:.2f} ({r['n_eval']}) | {last['fd_over_rvr']:.1f} | {last['accuracy']:.3f} | "
               f"{'%.1f' % reach if reach is not None else 'not reached'} |")
         ax[0].axhline(2 * r["real_vs_real"], color="gray", ls=":", lw=1)
-    ax[0].set(xlabel="training minutes (1 thread, CPU time)", ylabel="FD-shapes", yscale="log",
+    ax[0].set(xlabel="training minutes, 1 thread (CPU time; [wall clock]: idle wall time)", ylabel="FD-shapes", yscale="log",
               title="FD-shapes (dotted: 2x real-vs-real)")
-    ax[1].set(xlabel="training minutes (1 thread, CPU time)", ylabel="accuracy", ylim=(0, 1),
+    ax[1].set(xlabel="training minutes, 1 thread (CPU time; [wall clock]: idle wall time)", ylabel="accuracy", ylim=(0, 1),
               title="class / caption accuracy (judge)")
     ax[0].legend(fontsize=6)
     fig.tight_layout()
