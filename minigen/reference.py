@@ -57,10 +57,10 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "reference"
 MANIFEST = "manifest.json"
 FORMAT = "minigen-reference-v1"
 COMMAND = "python -m minigen.reference"
-NAMES = ("vae", "vqvae", "vqvae_prior", "vqgan", "vqgan_prior", "ddpm", "ldm")
-DEPENDS = {"vqvae_prior": "vqvae", "vqgan_prior": "vqgan", "ldm": "vqgan"}
-# The order `python -m minigen.reference` trains in: dependencies first, latent diffusion last.
-TRAIN_ORDER = ("vqgan", "ddpm", "vae", "vqvae", "vqvae_prior", "vqgan_prior", "ldm")
+NAMES = ("vae", "vqvae", "vqvae_prior", "vqgan", "vqgan_prior", "ddpm", "ldm", "flow", "ldm_flow")
+DEPENDS = {"vqvae_prior": "vqvae", "vqgan_prior": "vqgan", "ldm": "vqgan", "ldm_flow": "vqgan"}
+# The order `python -m minigen.reference` trains in: dependencies first, latent models last.
+TRAIN_ORDER = ("vqgan", "ddpm", "flow", "vae", "vqvae", "vqvae_prior", "vqgan_prior", "ldm", "ldm_flow")
 MAX_TOTAL_BYTES = 20 * 1024 * 1024
 SEED = 0
 DATASET = "shapes"
@@ -110,6 +110,23 @@ SPECS = {
         # (two other VQGANs: 0.69 and 0.79 after 2000), so the reference trains 4000
         model=dict(),
         train=dict(steps=4000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
+                   ema_decay=0.995),
+        sample=dict(steps=25, guidance_scale=3.0)),
+    "flow": dict(
+        # flow matching (minigen.flow) on the ddpm reference's U-Net (16/32/64 channels, no
+        # attention), same data and budget class: the straight path, logit-normal training
+        # times (SD3), Euler on a uniform grid with as many evaluations as the ddpm's DDIM
+        model=dict(channels=16, channel_mult=(1, 2, 4), layers_per_block=1, attention_resolutions=(),
+                   timestep_sampling="logit_normal", sampler="euler", sample_steps=25, guidance_scale=2.0),
+        train=dict(steps=600, batch_size=64, lr=2e-3, warmup_steps=100, lr_schedule="cosine",
+                   ema_decay=0.995)),
+    "ldm_flow": dict(
+        # latent flow matching with a DiT (minigen.ldm objective="flow", backbone="dit") on the
+        # reference VQGAN's 4x8x8 latents: patch 2 -> 16 tokens, text through the pooled
+        # embedding in adaLN and cross-attention in every block, the ldm's text encoder
+        model=dict(objective="flow", backbone="dit", hidden_size=96, depth=4, num_heads=4, patch_size=2,
+                   sampler="euler", sample_steps=25, guidance_scale=3.0),
+        train=dict(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
                    ema_decay=0.995),
         sample=dict(steps=25, guidance_scale=3.0)),
 }
@@ -486,6 +503,38 @@ def train_ldm(run: _Run) -> dict:
                        "autoencoder": "reference vqgan"})
 
 
+def flow_test_loss(run: _Run, m) -> float:
+    """The flow-matching loss of a pixel flow model on the first 256 test images with their
+    labels, at times and noise drawn from a fixed seed: a cheap, deterministic figure that
+    tests/test_reference.py recomputes from the shipped file."""
+    g = torch.Generator().manual_seed(SEED)
+    x, y = run.x_test[:256], run.y_test[:256]
+    t = torch.rand(len(x), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    return float(m.loss(x, dict(y=y), t=t, noise=noise))
+
+
+def measure_flow(run: _Run, m) -> dict:
+    out = measure_ddpm(run, m)  # the same class-conditional samples and figures as ddpm
+    out["test_flow_loss"] = flow_test_loss(run, m)
+    return out
+
+
+def train_flow(run: _Run) -> dict:
+    from minigen import flow, train
+
+    train.set_seed(SEED)
+    overrides = dict(SPECS["flow"]["model"])
+    if run.quick:
+        overrides["sample_steps"] = QUICK["sample_steps"]
+    model = flow.build(overrides, run.train_set.image_shape, run.num_classes)
+    fit_out = run.fit(model, run.train_set, "flow")
+    c = model.config
+    return run.finish("flow", model, fit_out, lambda m: measure_flow(run, m),
+                      {"sampler": {"sampler": c.sampler, "steps": c.sample_steps, "grid": c.grid,
+                                   "guidance_scale": c.guidance_scale}})
+
+
 def measure(run: _Run, name: str, model) -> dict:
     """The metrics of reference model `name` (as loaded from its file), as training records them."""
     if name == "vae":
@@ -496,6 +545,8 @@ def measure(run: _Run, name: str, model) -> dict:
         return measure_prior(run, name, model)
     if name == "ddpm":
         return measure_ddpm(run, model)
+    if name == "flow":
+        return measure_flow(run, model)
     steps = manifest(run.out)["models"][name]["sampler"]["steps"]  # the sampler it was measured with
     return measure_ldm(run, model, steps)
 
@@ -522,7 +573,7 @@ def evaluate(run: _Run, names) -> None:
 
 
 TRAINERS = {"vae": train_vae, "vqvae": train_vqvae, "vqvae_prior": train_vqvae_prior, "vqgan": train_vqgan,
-            "vqgan_prior": train_vqgan_prior, "ddpm": train_ddpm, "ldm": train_ldm}
+            "vqgan_prior": train_vqgan_prior, "ddpm": train_ddpm, "ldm": train_ldm, "flow": train_flow}
 
 
 # ----------------------------------------------------------------------------- command line
