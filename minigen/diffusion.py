@@ -736,12 +736,14 @@ class GaussianDiffusion(nn.Module):
         kwargs = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
         return dict(loss=self.loss(x, kwargs))
 
-    def loss(self, x0, model_kwargs=None):
+    def loss(self, x0, model_kwargs=None, *, t=None, noise=None):
         """The objective on clean x0 with the condition already dropped: the simple DDPM loss
-        for config.prediction_type. (minigen.flow.FlowMatching.loss is its flow-matching
-        twin, so a wrapper such as latent diffusion can hold either objective.)"""
-        return training_losses(self.model, x0, self.alphas_cumprod, prediction_type=self.config.prediction_type,
-                               model_kwargs=model_kwargs, q_sample=self.q_sample_fn)
+        for config.prediction_type, at timesteps t and noise drawn unless given.
+        (minigen.flow.FlowMatching.loss is its flow-matching twin, so a wrapper such as
+        latent diffusion can hold either objective.)"""
+        return training_losses(self.model, x0, self.alphas_cumprod, t=t, noise=noise,
+                               prediction_type=self.config.prediction_type, model_kwargs=model_kwargs,
+                               q_sample=self.q_sample_fn)
 
     # -- sampling -----------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ diffusion works in the latent space of the reference VQGAN):
     vqgan -> vqgan_prior    VQGAN (lesson 03) and its GPT prior
     ddpm                    class-conditional pixel diffusion with guidance (05-06)
     vqgan -> ldm            text-conditional latent diffusion (07)
+    flow                    class-conditional pixel flow matching, the ddpm's U-Net (09)
+    vqgan -> ldm_flow       text-conditional latent flow matching with a DiT (09)
 
 The files are ordinary minigen checkpoints (`minigen sample minigen/weights/reference/ddpm.pt`
 works) holding only the weights the model samples with: the EMA weights when training kept
@@ -465,10 +467,25 @@ def train_ddpm(run: _Run) -> dict:
                                    "guidance_scale": c["guidance_scale"]}})
 
 
-def measure_ldm(run: _Run, m, steps: int) -> dict:
+def latent_test_loss(run: _Run, m) -> float:
+    """The training objective of a latent model (diffusion or flow) on the first 256 test
+    images and their captions, at times and noise drawn from a fixed seed, no caption
+    dropout: a cheap, deterministic figure that tests/test_reference.py recomputes."""
+    g = torch.Generator().manual_seed(SEED)
+    z = m.encode(run.x_test[:256])
+    context = m.encode_prompts(list(run.test.captions[:256]))
+    if m.config.objective == "flow":
+        t = torch.rand(len(z), generator=g)
+    else:
+        t = torch.randint(0, m.diffusion.num_timesteps, (len(z),), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    return float(m.diffusion.loss(z, dict(context=context), t=t, noise=noise))
+
+
+def measure_ldm(run: _Run, m, steps: int, name: str = "ldm") -> dict:
     from minigen import judge
 
-    spec = SPECS["ldm"]["sample"]
+    spec = SPECS[name]["sample"]
     prompts = list(run.test.captions)
     g = torch.Generator().manual_seed(SEED)
     xs, secs = timed(lambda: torch.cat([
@@ -476,10 +493,12 @@ def measure_ldm(run: _Run, m, steps: int) -> dict:
         for i in range(0, len(prompts), 250)]))
     out = sample_metrics(xs, run.y_test, run.x_test, secs / len(xs))
     out["caption_accuracy"] = evaluation.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
+    out["test_latent_loss"] = latent_test_loss(run, m)
     return out
 
 
-def train_ldm(run: _Run) -> dict:
+def train_ldm(run: _Run, name: str = "ldm") -> dict:
+    """A latent model on the reference VQGAN: "ldm" (diffusion, U-Net) or "ldm_flow" (flow, DiT)."""
     try:
         from minigen import ldm
     except ImportError as e:
@@ -491,14 +510,15 @@ def train_ldm(run: _Run) -> dict:
     train.set_seed(SEED)
     # with the dataset, build() takes the vocabulary from its captions and fits scale_factor
     # (1 / std of the training latents); the latents are cached, so encode_dataset reads them
-    model = ldm.build({**SPECS["ldm"]["model"], "autoencoder": vqgan}, run.train_set.image_shape,
+    model = ldm.build({**SPECS[name]["model"], "autoencoder": vqgan}, run.train_set.image_shape,
                       dataset=run.train_set)
     latents = model.encode_dataset(run.train_set, cache=True)
-    fit_out = run.fit(model, latents, "ldm")
-    spec = SPECS["ldm"]["sample"]
+    fit_out = run.fit(model, latents, name)
+    spec = SPECS[name]["sample"]
     steps = QUICK["sample_steps"] if run.quick else spec["steps"]
-    return run.finish("ldm", model, fit_out, lambda m: measure_ldm(run, m, steps),
-                      {"sampler": {"sampler": "ddim", "steps": steps, "guidance_scale": spec["guidance_scale"],
+    return run.finish(name, model, fit_out, lambda m: measure_ldm(run, m, steps, name),
+                      {"sampler": {"sampler": model.config.diffusion["sampler"], "steps": steps,
+                                   "guidance_scale": spec["guidance_scale"],
                                    "prompts": "captions of the first test images"},
                        "autoencoder": "reference vqgan"})
 
@@ -548,7 +568,7 @@ def measure(run: _Run, name: str, model) -> dict:
     if name == "flow":
         return measure_flow(run, model)
     steps = manifest(run.out)["models"][name]["sampler"]["steps"]  # the sampler it was measured with
-    return measure_ldm(run, model, steps)
+    return measure_ldm(run, model, steps, name)
 
 
 def evaluate(run: _Run, names) -> None:
@@ -573,7 +593,8 @@ def evaluate(run: _Run, names) -> None:
 
 
 TRAINERS = {"vae": train_vae, "vqvae": train_vqvae, "vqvae_prior": train_vqvae_prior, "vqgan": train_vqgan,
-            "vqgan_prior": train_vqgan_prior, "ddpm": train_ddpm, "ldm": train_ldm, "flow": train_flow}
+            "vqgan_prior": train_vqgan_prior, "ddpm": train_ddpm, "ldm": train_ldm, "flow": train_flow,
+            "ldm_flow": lambda run: train_ldm(run, "ldm_flow")}
 
 
 # ----------------------------------------------------------------------------- command line
