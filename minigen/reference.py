@@ -468,13 +468,13 @@ def train_ddpm(run: _Run) -> dict:
                                    "guidance_scale": c["guidance_scale"]}})
 
 
-def latent_test_loss(run: _Run, m) -> float:
+def latent_test_loss(m, x: torch.Tensor, captions) -> float:
     """The training objective of a latent model (diffusion or flow) on the first 256 test
-    images and their captions, at times and noise drawn from a fixed seed, no caption
+    images x and their captions, at times and noise drawn from a fixed seed, no caption
     dropout: a cheap, deterministic figure that tests/test_reference.py recomputes."""
     g = torch.Generator().manual_seed(SEED)
-    z = m.encode(run.x_test[:256])
-    context = m.encode_prompts(list(run.test.captions[:256]))
+    z = m.encode(x[:256])
+    context = m.encode_prompts(list(captions[:256]))
     if m.config.objective == "flow":
         t = torch.rand(len(z), generator=g)
     else:
@@ -494,7 +494,7 @@ def measure_ldm(run: _Run, m, steps: int, name: str = "ldm") -> dict:
         for i in range(0, len(prompts), 250)]))
     out = sample_metrics(xs, run.y_test, run.x_test, secs / len(xs))
     out["caption_accuracy"] = evaluation.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
-    out["test_latent_loss"] = latent_test_loss(run, m)
+    out["test_latent_loss"] = latent_test_loss(m, run.x_test, run.test.captions)
     return out
 
 
@@ -524,12 +524,12 @@ def train_ldm(run: _Run, name: str = "ldm") -> dict:
                        "autoencoder": "reference vqgan"})
 
 
-def flow_test_loss(run: _Run, m) -> float:
-    """The flow-matching loss of a pixel flow model on the first 256 test images with their
-    labels, at times and noise drawn from a fixed seed: a cheap, deterministic figure that
+def flow_test_loss(m, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The flow-matching loss of a pixel flow model on the first 256 test images x with their
+    labels y, at times and noise drawn from a fixed seed: a cheap, deterministic figure that
     tests/test_reference.py recomputes from the shipped file."""
     g = torch.Generator().manual_seed(SEED)
-    x, y = run.x_test[:256], run.y_test[:256]
+    x, y = x[:256], y[:256]
     t = torch.rand(len(x), generator=g)
     noise = torch.randn(x.shape, generator=g)
     return float(m.loss(x, dict(y=y), t=t, noise=noise))
@@ -537,7 +537,7 @@ def flow_test_loss(run: _Run, m) -> float:
 
 def measure_flow(run: _Run, m) -> dict:
     out = measure_ddpm(run, m)  # the same class-conditional samples and figures as ddpm
-    out["test_flow_loss"] = flow_test_loss(run, m)
+    out["test_flow_loss"] = flow_test_loss(m, run.x_test, run.y_test)
     return out
 
 
