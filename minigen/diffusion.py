@@ -643,7 +643,9 @@ class DiffusionConfig:
     clip_denoised: bool = True  # clamp x0_hat to [-1, 1]; False for latent diffusion
     cond_drop_prob: float = 0.1  # classifier-free guidance: P(condition -> null) in training
     sampler: str = "ddim"  # default sampler of sample() / sample_images()
-    sample_steps: int = 50  # DDIM / DPM-Solver++ steps, Heun's Karras sigmas (DDPM always takes all T)
+    # steps=None in sample() means sample_steps for every sampler (the same rule in FlowMatching and
+    # LatentDiffusion): DDIM / DPM-Solver++ steps, Heun's Karras sigmas; DDPM always takes all T
+    sample_steps: int = 50
     eta: float = 0.0
     spacing: str = "trailing"
     guidance_scale: float = 1.0  # 1 = plain conditional sampling

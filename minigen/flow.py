@@ -207,6 +207,7 @@ class FlowConfig:
     cond_drop_prob: float = 0.1  # classifier-free guidance: P(condition -> null) in training
     sampler: str = "euler"  # "euler" | "heun" | "dpmsolver++"
     grid: str = "flow"  # "flow": uniform in t, shifted; "karras": Karras sigmas of the VE view
+    # steps=None means sample_steps for every sampler (as in GaussianDiffusion and LatentDiffusion)
     sample_steps: int = 20  # Euler / DPM-Solver++ evaluations; Heun points (2 steps - 1 evaluations)
     guidance_scale: float = 1.0
     clip_denoised: bool = True  # clamp samples (and DPM-Solver++'s x0_hat) to [-1, 1]; False for latents

@@ -126,7 +126,8 @@ SPECS = {
         # latent flow matching with a DiT (minigen.ldm objective="flow", backbone="dit") on the
         # reference VQGAN's 4x8x8 latents: patch 2 -> 16 tokens, text through the pooled
         # embedding in adaLN and cross-attention in every block, the ldm's text encoder.
-        # 1000 steps (~0.34 CPU-s each, one thread): what fitted the session that trained it
+        # 1000 steps (0.22 CPU-s each, one thread: 219 CPU-s in all; the shared CPU of the session
+        # that trained it gave the run ~15% of a core, 25 wall-minutes)
         model=dict(objective="flow", backbone="dit", hidden_size=96, depth=4, num_heads=4, patch_size=2,
                    sampler="euler", sample_steps=25, guidance_scale=3.0),
         train=dict(steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
