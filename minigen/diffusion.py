@@ -34,6 +34,7 @@ from minigen import samplers
 from minigen.unet import UNet, UNetConfig
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")
+BACKBONES = ("unet", "dit")  # the denoising networks every model family can build (build_backbone)
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "heun")  # the last two: ODE solvers in minigen.samplers
 SPACINGS = ("trailing", "leading", "linspace")
@@ -642,7 +643,9 @@ class DiffusionConfig:
     clip_denoised: bool = True  # clamp x0_hat to [-1, 1]; False for latent diffusion
     cond_drop_prob: float = 0.1  # classifier-free guidance: P(condition -> null) in training
     sampler: str = "ddim"  # default sampler of sample() / sample_images()
-    sample_steps: int = 50  # DDIM / DPM-Solver++ steps, Heun's Karras sigmas (DDPM always takes all T)
+    # steps=None in sample() means sample_steps for every sampler (the same rule in FlowMatching and
+    # LatentDiffusion): DDIM / DPM-Solver++ steps, Heun's Karras sigmas; DDPM always takes all T
+    sample_steps: int = 50
     eta: float = 0.0
     spacing: str = "trailing"
     guidance_scale: float = 1.0  # 1 = plain conditional sampling
@@ -658,8 +661,7 @@ class DiffusionConfig:
             from minigen.dit import DiTConfig
 
             self.dit = DiTConfig(**self.dit)
-        if self.backbone not in ("unet", "dit"):
-            raise ValueError(f"DiffusionConfig.backbone = {self.backbone!r}: use 'unet' or 'dit'")
+        check_backbone(self.backbone)
         for name, allowed in (("beta_schedule", ("linear", "scaled_linear", "cosine")),
                               ("prediction_type", PREDICTION_TYPES), ("variance_type", VARIANCE_TYPES),
                               ("sampler", SAMPLERS), ("spacing", SPACINGS)):
@@ -693,16 +695,7 @@ class GaussianDiffusion(nn.Module):
             model, config = None, model
         self.config = config = config or DiffusionConfig()
         if model is None:
-            if config.backbone == "dit":
-                from minigen.dit import DiT
-
-                if config.dit is None:
-                    raise ValueError("GaussianDiffusion with backbone='dit' needs a model or config.dit")
-                model = DiT(config.dit)
-            elif config.unet is None:
-                raise ValueError("GaussianDiffusion needs a model or config.unet to build a UNet from")
-            else:
-                model = UNet(config.unet)
+            model = build_backbone(config.backbone, config.unet, config.dit)
         self.model = model
         self.q_sample_fn, self.p_sample_fn, self.ddim_step_fn = q_sample, p_sample, ddim_step
         self.guidance_fn, self.inpaint_fn = guidance, inpaint
@@ -745,12 +738,14 @@ class GaussianDiffusion(nn.Module):
         kwargs = {k: v for k, v in (("y", y), ("context", context)) if v is not None}
         return dict(loss=self.loss(x, kwargs))
 
-    def loss(self, x0, model_kwargs=None):
+    def loss(self, x0, model_kwargs=None, *, t=None, noise=None):
         """The objective on clean x0 with the condition already dropped: the simple DDPM loss
-        for config.prediction_type. (minigen.flow.FlowMatching.loss is its flow-matching
-        twin, so a wrapper such as latent diffusion can hold either objective.)"""
-        return training_losses(self.model, x0, self.alphas_cumprod, prediction_type=self.config.prediction_type,
-                               model_kwargs=model_kwargs, q_sample=self.q_sample_fn)
+        for config.prediction_type, at timesteps t and noise drawn unless given.
+        (minigen.flow.FlowMatching.loss is its flow-matching twin, so a wrapper such as
+        latent diffusion can hold either objective.)"""
+        return training_losses(self.model, x0, self.alphas_cumprod, t=t, noise=noise,
+                               prediction_type=self.config.prediction_type, model_kwargs=model_kwargs,
+                               q_sample=self.q_sample_fn)
 
     # -- sampling -----------------------------------------------------------------------
 
@@ -871,37 +866,82 @@ class _eval_mode:
         self.module.train(self.was_training)
 
 
-def build(config_overrides=None, image_shape=(3, 32, 32), num_classes=None):
-    """The CLI's constructor: a GaussianDiffusion with a UNet for images of image_shape.
+# --------------------------------------------------------------------------------------
+# the backbone: a U-Net or a DiT, shared by diffusion, flow matching and latent diffusion
 
-    config_overrides: a flat dict of DiffusionConfig and UNetConfig fields (e.g.
-    {"beta_schedule": "cosine", "channels": 64}); num_classes (from the dataset) makes the
-    model class-conditional with classifier-free guidance; override num_classes=0 (or
-    None) to train an unconditional model on a labelled dataset.
+
+def check_backbone(backbone) -> str:
+    """`backbone` if it is one of BACKBONES, else a ValueError naming them."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}: use one of {BACKBONES}")
+    return backbone
+
+
+def backbone_config_class(backbone) -> type:
+    """The config dataclass of a backbone: UNetConfig or minigen.dit.DiTConfig."""
+    if check_backbone(backbone) == "dit":
+        from minigen.dit import DiTConfig
+
+        return DiTConfig
+    return UNetConfig
+
+
+def build_backbone(backbone, unet=None, dit=None) -> nn.Module:
+    """The denoising network a model config names: a UNet or a DiT (same forward signature)."""
+    config = {"unet": unet, "dit": dit}[check_backbone(backbone)]
+    if config is None:
+        name = "UNetConfig" if backbone == "unet" else "DiTConfig"
+        raise ValueError(f"backbone {backbone!r} needs a {name} (config.{backbone}) or a model passed in")
+    if backbone == "dit":
+        from minigen.dit import DiT
+
+        return DiT(config)
+    return UNet(config)
+
+
+def split_backbone_overrides(overrides, model_fields, *, image_shape, num_classes=None, what="diffusion"):
+    """Split the CLI's flat overrides into (backbone, model fields, backbone config).
+
+    overrides: fields of the model's config (model_fields, e.g. DiffusionConfig's) mixed with
+    those of its backbone's config ("backbone": "unet" (default) or "dit" picks UNetConfig or
+    DiTConfig). The backbone takes in_channels (and a DiT its input_size) from image_shape
+    unless given; num_classes (the dataset's, or an override; 0/None: unconditional) is set.
+    Unknown keys raise a ValueError listing the valid ones for that backbone.
     """
-    overrides = dict(config_overrides or {})
-    dfields = {f.name for f in fields(DiffusionConfig)} - {"unet", "dit"}
-    backbone = overrides.get("backbone", "unet")
-    if backbone == "dit":  # backbone=dit: the DiT's fields instead of the U-Net's
-        from minigen.dit import DiTConfig as bcls
-    elif backbone == "unet":
-        bcls = UNetConfig
-    else:
-        raise ValueError(f"unknown backbone {backbone!r}: use 'unet' or 'dit'")
-    ufields = {f.name for f in fields(bcls)}
-    unknown = set(overrides) - dfields - ufields
+    overrides = dict(overrides or {})
+    backbone = check_backbone(overrides.pop("backbone", "unet"))
+    bcls = backbone_config_class(backbone)
+    bfields = {f.name for f in fields(bcls)}
+    model_fields = set(model_fields) - {"backbone", "unet", "dit"}
+    unknown = set(overrides) - model_fields - bfields
     if unknown:
-        raise ValueError(f"unknown diffusion option(s) {sorted(unknown)} for backbone {backbone!r}; "
-                         f"valid: {sorted(dfields | ufields)}")
+        raise ValueError(f"unknown {what} option(s) {sorted(unknown)} for backbone {backbone!r}; "
+                         f"valid: {sorted(model_fields | bfields | {'backbone'})}")
     image_shape = tuple(image_shape)
     if "num_classes" in overrides:
         num_classes = overrides.pop("num_classes")
-    uargs = {k: v for k, v in overrides.items() if k in ufields}
-    uargs.setdefault("in_channels", image_shape[0])
-    uargs["num_classes"] = num_classes or None
+    bargs = {k: v for k, v in overrides.items() if k in bfields}
+    bargs.setdefault("in_channels", image_shape[0])
+    bargs["num_classes"] = num_classes or None
     if backbone == "dit":
-        uargs.setdefault("input_size", image_shape[1:])
-    dargs = {k: v for k, v in overrides.items() if k in dfields}
-    dargs.setdefault("image_shape", image_shape)
-    config = DiffusionConfig(**dargs, **{backbone: bcls(**uargs)})
+        bargs.setdefault("input_size", image_shape[1:])
+    margs = {k: v for k, v in overrides.items() if k in model_fields}
+    return backbone, margs, bcls(**bargs)
+
+
+def build(config_overrides=None, image_shape=(3, 32, 32), num_classes=None):
+    """The CLI's constructor: a GaussianDiffusion with a UNet (or a DiT, backbone="dit") for
+    images of image_shape.
+
+    config_overrides: a flat dict of DiffusionConfig fields and the backbone config's fields
+    (UNetConfig, or DiTConfig with backbone="dit"), e.g. {"beta_schedule": "cosine",
+    "channels": 64}; num_classes (from the dataset) makes the model class-conditional with
+    classifier-free guidance; override num_classes=0 (or None) to train an unconditional
+    model on a labelled dataset.
+    """
+    backbone, dargs, bconfig = split_backbone_overrides(
+        config_overrides, {f.name for f in fields(DiffusionConfig)}, image_shape=image_shape,
+        num_classes=num_classes, what="diffusion")
+    dargs.setdefault("image_shape", tuple(image_shape))
+    config = DiffusionConfig(**dargs, backbone=backbone, **{backbone: bconfig})
     return GaussianDiffusion(None, config)

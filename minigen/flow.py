@@ -60,13 +60,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigen import samplers
-from minigen.diffusion import _eval_mode, cfg_dropout, classifier_free_guidance, guided_model_fn
-from minigen.unet import UNet, UNetConfig
+from minigen.diffusion import (BACKBONES, _eval_mode, build_backbone, cfg_dropout, check_backbone,
+                               classifier_free_guidance, guided_model_fn, split_backbone_overrides)
+from minigen.unet import UNetConfig
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 FLOW_SAMPLERS = ("euler", "heun", "dpmsolver++")
 FLOW_GRIDS = ("flow", "karras")
-BACKBONES = ("unet", "dit")
 
 # --------------------------------------------------------------------------------------
 # the path, the target, the loss
@@ -207,6 +207,7 @@ class FlowConfig:
     cond_drop_prob: float = 0.1  # classifier-free guidance: P(condition -> null) in training
     sampler: str = "euler"  # "euler" | "heun" | "dpmsolver++"
     grid: str = "flow"  # "flow": uniform in t, shifted; "karras": Karras sigmas of the VE view
+    # steps=None means sample_steps for every sampler (as in GaussianDiffusion and LatentDiffusion)
     sample_steps: int = 20  # Euler / DPM-Solver++ evaluations; Heun points (2 steps - 1 evaluations)
     guidance_scale: float = 1.0
     clip_denoised: bool = True  # clamp samples (and DPM-Solver++'s x0_hat) to [-1, 1]; False for latents
@@ -222,8 +223,9 @@ class FlowConfig:
             from minigen.dit import DiTConfig
 
             self.dit = DiTConfig(**self.dit)
+        check_backbone(self.backbone)
         for name, allowed in (("timestep_sampling", TIMESTEP_SAMPLING), ("sampler", FLOW_SAMPLERS),
-                              ("grid", FLOW_GRIDS), ("backbone", BACKBONES)):
+                              ("grid", FLOW_GRIDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FlowConfig.{name} = {getattr(self, name)!r}: use one of {allowed}")
         if len(self.image_shape) != 3:
@@ -235,21 +237,6 @@ class FlowConfig:
 
 
 FlowMatchingConfig = FlowConfig  # the <Class>Config name minigen.cli.load_model looks for
-
-
-def build_backbone(backbone, unet=None, dit=None) -> nn.Module:
-    """The denoising network a model config names: a UNet or a DiT (same forward signature)."""
-    if backbone == "unet":
-        if unet is None:
-            raise ValueError("backbone 'unet' needs a UNetConfig (config.unet)")
-        return UNet(unet)
-    if backbone == "dit":
-        from minigen.dit import DiT
-
-        if dit is None:
-            raise ValueError("backbone 'dit' needs a DiTConfig (config.dit)")
-        return DiT(dit)
-    raise ValueError(f"unknown backbone {backbone!r}: use one of {BACKBONES}")
 
 
 class FlowMatching(nn.Module):
@@ -401,30 +388,11 @@ def build(config_overrides=None, image_shape=(3, 32, 32), num_classes=None):
     "hidden_size": 96, "timestep_sampling": "uniform"}; num_classes (from the dataset) makes
     the model class-conditional with classifier-free guidance.
     """
-    from minigen.dit import DiTConfig
-
-    overrides = dict(config_overrides or {})
-    ffields = {f.name for f in fields(FlowConfig)} - {"unet", "dit"}
-    backbone = overrides.get("backbone", "unet")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}: use one of {BACKBONES}")
-    bcls = UNetConfig if backbone == "unet" else DiTConfig
-    bfields = {f.name for f in fields(bcls)}
-    unknown = set(overrides) - ffields - bfields
-    if unknown:
-        raise ValueError(f"unknown flow option(s) {sorted(unknown)} for backbone {backbone!r}; "
-                         f"valid: {sorted(ffields | bfields)}")
-    image_shape = tuple(image_shape)
-    if "num_classes" in overrides:
-        num_classes = overrides.pop("num_classes")
-    bargs = {k: v for k, v in overrides.items() if k in bfields}
-    bargs.setdefault("in_channels", image_shape[0])
-    bargs["num_classes"] = num_classes or None
-    if backbone == "dit":
-        bargs.setdefault("input_size", image_shape[1:])
-    fargs = {k: v for k, v in overrides.items() if k in ffields}
-    fargs.setdefault("image_shape", image_shape)
-    config = FlowConfig(**fargs, **{backbone: bcls(**bargs)})
+    backbone, fargs, bconfig = split_backbone_overrides(
+        config_overrides, {f.name for f in fields(FlowConfig)}, image_shape=image_shape,
+        num_classes=num_classes, what="flow")
+    fargs.setdefault("image_shape", tuple(image_shape))
+    config = FlowConfig(**fargs, backbone=backbone, **{backbone: bconfig})
     return FlowMatching(None, config)
 
 

@@ -24,6 +24,13 @@ diffusion splits the work in two stages:
 Sampling runs DDIM in latent space with classifier-free guidance and decodes once at the
 end: x = D(z0 / scale_factor).
 
+Today's variant (Stable Diffusion 3, lesson 09) is one option away on each axis:
+objective="flow" trains the same latent model by flow matching (minigen.flow: the straight
+path z_t = (1 - t) z0 + t eps, target eps - z0, Euler / Heun / DPM-Solver++ sampling), and
+backbone="dit" swaps the U-Net for a diffusion transformer (minigen.dit) that reads the
+text the same two ways: the pooled embedding in its adaLN conditioning and cross-attention
+to the tokens in every block. Either objective takes either backbone.
+
 Conventions (see conventions.md, "Latent diffusion"):
 
 - scale_factor = 1 / std of the training latents, computed from the data (Stable
@@ -57,8 +64,10 @@ import torch.nn as nn
 
 from minigen import checkpoint
 from minigen.checkpoint import weights_hash  # public here too, as before checkpoint.py
-from minigen.diffusion import DiffusionConfig, GaussianDiffusion, guided_model_fn, sample_loop, training_losses
+from minigen.diffusion import BACKBONES, DiffusionConfig, GaussianDiffusion, backbone_config_class, check_backbone
+from minigen.dit import DiTConfig
 from minigen.evaluate import caption_accuracy  # public here too, as before evaluate.py
+from minigen.flow import FlowConfig, FlowMatching
 from minigen.text import TextEncoder, TextEncoderConfig, Tokenizer
 from minigen.unet import UNetConfig
 
@@ -80,12 +89,27 @@ DEFAULT_UNET = dict(channels=32, channel_mult=(1, 2), layers_per_block=1, attent
 DEFAULT_DIFFUSION = dict(timesteps=1000, beta_schedule="cosine", prediction_type="v",
                          cond_drop_prob=0.1, sampler="ddim", sample_steps=25, eta=0.0, spacing="trailing",
                          guidance_scale=3.0)
+# objective="flow": SD3's recipe (logit-normal times), Euler with as many evaluations as the DDIM
+DEFAULT_FLOW = dict(timestep_sampling="logit_normal", cond_drop_prob=0.1, sampler="euler", sample_steps=25,
+                    guidance_scale=3.0)
+# backbone="dit": 2x2 patches of the 4x8x8 latents = 16 tokens; the text pooled into adaLN
+# (what made the U-Net learn the shape word, see above) and cross-attended in every block
+DEFAULT_DIT = dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, cross_attention=True, pooled_context=True,
+                   dropout=0.0)
+OBJECTIVES = ("diffusion", "flow")
 # what `minigen train ldm` uses unless told otherwise (fit's TrainConfig fields)
 TRAIN_DEFAULTS = dict(steps=4000, batch_size=64, lr=1e-3, warmup=100, schedule="cosine", ema=0.995)
 
 _TEXT_FIELDS = {f.name for f in fields(TextEncoderConfig)} - {"vocab_size", "max_length"}
 _UNET_FIELDS = {f.name for f in fields(UNetConfig)}
-_DIFFUSION_FIELDS = {f.name for f in fields(DiffusionConfig)} - {"unet", "image_shape"}
+_DIT_FIELDS = {f.name for f in fields(DiTConfig)}
+_NOT_OBJECTIVE = {"unet", "dit", "backbone", "image_shape"}  # set by LatentDiffusion, not by the user
+_DIFFUSION_FIELDS = {f.name for f in fields(DiffusionConfig)} - _NOT_OBJECTIVE
+_FLOW_FIELDS = {f.name for f in fields(FlowConfig)} - _NOT_OBJECTIVE
+_OBJECTIVE = {  # objective -> (its config's fields, minigen.ldm's defaults for them)
+    "diffusion": (_DIFFUSION_FIELDS, DEFAULT_DIFFUSION), "flow": (_FLOW_FIELDS, DEFAULT_FLOW)}
+_BACKBONE = {  # backbone -> (its config class, its fields, minigen.ldm's defaults for them)
+    "unet": (UNetConfig, _UNET_FIELDS, DEFAULT_UNET), "dit": (DiTConfig, _DIT_FIELDS, DEFAULT_DIT)}
 _LATENTS_FORMAT = "minigen-latents-v1"
 
 
@@ -99,10 +123,14 @@ class LatentDiffusionConfig:
     vocab: list | None = None  # the tokenizer's vocabulary (with "<pad>", "<unk>" first)
     max_length: int = 12  # tokens per prompt
     text: dict = field(default_factory=dict)  # TextEncoderConfig fields (n_embd, n_layer, n_head, dropout)
-    # DiffusionConfig fields, with "unet": a dict of UNetConfig fields. The U-Net's in_channels
-    # and context_dim are filled in (latent channels, text n_embd); clip_denoised is False.
+    # The objective's config fields (DiffusionConfig's, or FlowConfig's with objective="flow"),
+    # with the backbone's config under its name: "unet" (UNetConfig fields) or "dit" (DiTConfig
+    # fields). The network's in_channels and context_dim (and a DiT's input_size) are filled in
+    # (latent channels and size, text n_embd); clip_denoised is False.
     diffusion: dict = field(default_factory=dict)
     prompts: list | None = None  # example prompts: what sample_images(n) draws without a prompt
+    objective: str = "diffusion"  # "diffusion" (DDPM/DDIM, lesson 07) | "flow" (flow matching, lesson 09)
+    backbone: str = "unet"  # "unet" | "dit": the denoising network over the latents
 
     def __post_init__(self):
         self.image_shape = tuple(self.image_shape)
@@ -119,35 +147,51 @@ class LatentDiffusionConfig:
         if unknown:
             raise ValueError(f"unknown text encoder option(s) {sorted(unknown)}; valid: {sorted(_TEXT_FIELDS)}")
         self.text = {**DEFAULT_TEXT, **text}
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"LatentDiffusionConfig.objective = {self.objective!r}: use one of {OBJECTIVES}")
+        check_backbone(self.backbone)
+        ofields, odefaults = _OBJECTIVE[self.objective]
+        bcls, bfields, bdefaults = _BACKBONE[self.backbone]
         diff = self.diffusion
-        if isinstance(diff, DiffusionConfig):
-            diff = dataclasses.asdict(diff)
+        if isinstance(diff, (DiffusionConfig, FlowConfig)):
+            diff = {k: v for k, v in dataclasses.asdict(diff).items() if v is not None or k not in ("unet", "dit")}
         diff = dict(diff or {})
         diff.pop("image_shape", None)  # that is latent_shape
-        unet = diff.pop("unet", None) or {}
-        if isinstance(unet, UNetConfig):
-            unet = dataclasses.asdict(unet)
-        unknown = set(diff) - _DIFFUSION_FIELDS
+        if diff.pop("backbone", self.backbone) != self.backbone:
+            raise ValueError(f"the diffusion config names another backbone than LatentDiffusionConfig.backbone "
+                             f"({self.backbone!r}): set backbone on LatentDiffusionConfig")
+        net = diff.pop(self.backbone, None) or {}
+        if isinstance(net, (UNetConfig, DiTConfig)):
+            net = dataclasses.asdict(net)
+        for other in set(_BACKBONE) - {self.backbone}:
+            if diff.pop(other, None):
+                raise ValueError(f"diffusion[{other!r}] holds a {other} config but backbone is {self.backbone!r}: "
+                                 f"set backbone={other!r}, or give the {self.backbone} config as "
+                                 f"diffusion[{self.backbone!r}]")
+        unknown = set(diff) - ofields
         if unknown:
-            raise ValueError(f"unknown diffusion option(s) {sorted(unknown)}; valid: {sorted(_DIFFUSION_FIELDS)}")
-        unknown = set(unet) - _UNET_FIELDS
+            raise ValueError(f"unknown {self.objective} option(s) {sorted(unknown)} (objective={self.objective!r}); "
+                             f"valid: {sorted(ofields)}")
+        unknown = set(net) - bfields
         if unknown:
-            raise ValueError(f"unknown U-Net option(s) {sorted(unknown)}; valid: {sorted(_UNET_FIELDS)}")
+            raise ValueError(f"unknown {bcls.__name__} option(s) {sorted(unknown)} (backbone={self.backbone!r}); "
+                             f"valid: {sorted(bfields)}")
         if diff.get("clip_denoised"):
             raise ValueError("clip_denoised must be False for latent diffusion: latents are not in [-1, 1] "
                              "(the decoded images are clamped instead)")
-        if unet.get("num_classes"):
-            raise ValueError("latent diffusion is conditioned on text, not class labels: leave unet num_classes unset")
+        if net.get("num_classes"):
+            raise ValueError(f"latent diffusion is conditioned on text, not class labels: leave {self.backbone} "
+                             f"num_classes unset")
         diff["clip_denoised"] = False
-        diff = {**DEFAULT_DIFFUSION, **diff}
-        unet_defaults = {f.name: f.default for f in fields(UNetConfig)}
-        if "in_channels" in unet:
-            # a resolved config, read back from a checkpoint: a U-Net field it lacks is newer
-            # than the checkpoint, so it takes UNetConfig's own (off) default, not ours
+        diff = {**odefaults, **diff}
+        net_defaults = {f.name: f.default for f in fields(bcls)}
+        if "in_channels" in net:
+            # a resolved config, read back from a checkpoint: a network field it lacks is newer
+            # than the checkpoint, so it takes the config class's own (off) default, not ours
             # (a checkpoint saved before pooled_context existed has no context_embed weights)
-            diff["unet"] = {**unet_defaults, **unet}
+            diff[self.backbone] = {**net_defaults, **net}
         else:
-            diff["unet"] = {**unet_defaults, **DEFAULT_UNET, **unet}
+            diff[self.backbone] = {**net_defaults, **bdefaults, **net}
         self.diffusion = diff
         if self.prompts is not None:
             self.prompts = [str(p) for p in self.prompts]
@@ -249,20 +293,27 @@ class LatentDiffusion(nn.Module):
         self.tokenizer = Tokenizer(config.vocab, config.max_length)
         self.text_encoder = TextEncoder(TextEncoderConfig(self.tokenizer.vocab_size, config.max_length, **config.text))
 
-        # --- the diffusion model over latents: a U-Net with cross-attention to the text
+        # --- the objective over latents (GaussianDiffusion or FlowMatching), its network (a
+        # U-Net or a DiT) reading the text by cross-attention and the pooled embedding
+        bb = config.backbone
         diff = dict(config.diffusion)
-        unet = dict(diff.pop("unet"))
-        unet.update(in_channels=latent_shape[0], out_channels=None, num_classes=None,
-                    context_dim=config.text["n_embd"])
-        config.diffusion = {**diff, "unet": unet}
-        self.diffusion = GaussianDiffusion(None, DiffusionConfig(image_shape=latent_shape, **diff,
-                                                                 unet=UNetConfig(**unet)))
+        net = dict(diff.pop(bb))
+        net.update(in_channels=latent_shape[0], out_channels=None, num_classes=None,
+                   context_dim=config.text["n_embd"])
+        if bb == "dit":
+            net["input_size"] = tuple(latent_shape[1:])
+        config.diffusion = {**diff, bb: net}
+        objective_config, objective = ((DiffusionConfig, GaussianDiffusion) if config.objective == "diffusion"
+                                       else (FlowConfig, FlowMatching))
+        self.diffusion = objective(None, objective_config(image_shape=latent_shape, **diff, backbone=bb,
+                                                          **{bb: backbone_config_class(bb)(**net)}))
         self.config = config
 
     # -- plumbing
 
     @property
     def unet(self) -> nn.Module:
+        """The denoising network: a UNet, or a DiT with backbone="dit" (the name is lesson 07's)."""
         return self.diffusion.model
 
     @property
@@ -284,7 +335,7 @@ class LatentDiffusion(nn.Module):
 
     @property
     def _device(self) -> torch.device:
-        return self.diffusion.alphas_cumprod.device
+        return next(self.text_encoder.parameters()).device
 
     def _probe_latent_shape(self, image_shape) -> tuple:
         with torch.no_grad():
@@ -438,7 +489,8 @@ class LatentDiffusion(nn.Module):
         return self.text_encoder(self.tokenizer.encode(prompts).to(self._device))
 
     def training_loss(self, batch, step=None):
-        """The DDPM loss on (latents, tokens) from encode_dataset, with caption dropout."""
+        """The objective's loss on (latents, tokens) from encode_dataset, with caption dropout:
+        the DDPM loss (objective="diffusion") or the flow-matching loss ("flow")."""
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError("LatentDiffusion.training_loss expects (latents, tokens) batches: train on "
                              "model.encode_dataset(dataset), not on the images")
@@ -451,55 +503,57 @@ class LatentDiffusion(nn.Module):
             # caption dropout: the empty prompt (all padding) teaches the null condition
             drop = torch.rand(tokens.shape[0], device=tokens.device) < p
             tokens = tokens.masked_fill(drop[:, None], Tokenizer.pad_id)
-        context = self.text_encoder(tokens)
-        loss = training_losses(self.unet, z, self.diffusion.alphas_cumprod,
-                               prediction_type=self.diffusion.config.prediction_type,
-                               model_kwargs=dict(context=context), q_sample=self.diffusion.q_sample_fn)
-        return dict(loss=loss)
+        # GaussianDiffusion.loss and FlowMatching.loss: the same call, on clean latents
+        return dict(loss=self.diffusion.loss(z, dict(context=self.text_encoder(tokens))))
 
     def configure_optimizers(self, config):
-        """AdamW over the U-Net and the text encoder (trained jointly); never the autoencoder."""
+        """AdamW over the denoising network and the text encoder (trained jointly); never the autoencoder."""
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
     # -- sampling
 
     def guided_denoiser(self, prompts, guidance_scale: float | None = None):
-        """model_fn(z_t, t) -> guided eps for the prompts: eps(null) + w (eps(prompt) - eps(null)),
-        the null condition being the encoded empty prompt. w = 1 is the plain conditional model."""
+        """model_fn(z_t, t) -> the guided prediction for the prompts (eps / v, or the velocity
+        with objective="flow"): out(null) + w (out(prompt) - out(null)), the null condition being
+        the encoded empty prompt. w = 1 is the plain conditional model."""
         w = self.config.diffusion["guidance_scale"] if guidance_scale is None else float(guidance_scale)
-        context = self.encode_prompts(prompts)
-        null = self.encode_prompts([""])
-        return guided_model_fn(self.unet, context=context, guidance_scale=w, null_context=null,
-                               guidance=self.diffusion.guidance_fn)
+        return self.diffusion.denoiser(context=self.encode_prompts(prompts), guidance_scale=w,
+                                       null_context=self.encode_prompts([""]))
 
     @torch.no_grad()
-    def sample(self, prompts, *, guidance_scale: float | None = None, steps: int | None = None, eta: float = 0.0,
-               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+    def sample(self, prompts, *, guidance_scale: float | None = None, steps: int | None = None,
+               eta: float | None = None, generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
                return_latents: bool = False, sampler: str | None = None, progress: bool = False):
         """One image per prompt, (N, *image_shape) in [-1, 1]; with return_latents also the
-        final latents (scaled). DDIM with config.diffusion["sample_steps"] steps unless told
-        otherwise; guidance_scale defaults to config.diffusion["guidance_scale"]."""
+        final latents (scaled).
+
+        The defaults come from config.diffusion, by the rule of GaussianDiffusion and
+        FlowMatching: `sampler` the config's (DDIM, or Euler with objective="flow"), `steps`
+        the config's sample_steps for every sampler (DDIM, DPM-Solver++ and Euler steps are
+        network evaluations, Heun takes 2 steps - 1) except DDPM, which walks all T;
+        guidance_scale the config's. eta (DDIM's noise, default the config's) is for the
+        diffusion objective only.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("sample needs at least one prompt")
-        c = self.diffusion.config
-        sampler = sampler or c.sampler
         if x_T is None:
             x_T = torch.randn((len(prompts), *self.config.latent_shape), generator=generator,
                               device=self._device if generator is None else generator.device)
         if tuple(x_T.shape) != (len(prompts), *self.config.latent_shape):
             raise ValueError(f"x_T must have shape {(len(prompts), *self.config.latent_shape)}, got {tuple(x_T.shape)}")
+        kwargs = dict(sampler=sampler, steps=steps, clip_denoised=False, generator=generator, progress=progress)
+        if self.config.objective == "diffusion":
+            kwargs["eta"] = eta
+        elif eta:
+            raise ValueError(f"eta={eta} is DDIM's stochasticity; a flow model samples with a deterministic ODE "
+                             f"solver (euler, heun, dpmsolver++): leave eta out")
         was = self.training
         self.eval()
         try:
-            model_fn = self.guided_denoiser(prompts, guidance_scale)
-            z = sample_loop(model_fn, x_T.to(self._device), self.diffusion.alphas_cumprod, sampler=sampler,
-                            steps=(steps or c.sample_steps) if sampler == "ddim" else steps, eta=eta,
-                            spacing=c.spacing, generator=generator, progress=progress,
-                            p_sample=self.diffusion.p_sample_fn, ddim_step=self.diffusion.ddim_step_fn,
-                            prediction_type=c.prediction_type, clip_denoised=False,
-                            variance_type=c.variance_type)
+            z = self.diffusion.sample_from(self.guided_denoiser(prompts, guidance_scale), x_T.to(self._device),
+                                           **kwargs)
             x = self.decode(z)
         finally:
             self.train(was)
@@ -527,9 +581,11 @@ def build(overrides, image_shape, num_classes=None, *, dataset=None) -> LatentDi
 
     overrides: "autoencoder" (a checkpoint path, or an autoencoder module) is required;
     the other keys are LatentDiffusionConfig fields (max_length, scale_factor, vocab,
-    prompts), text encoder fields prefixed "text_" (text_n_embd, text_n_layer, text_n_head,
-    text_dropout), DiffusionConfig fields (beta_schedule, guidance_scale, cond_drop_prob,
-    sample_steps, ...) and UNetConfig fields (channels, channel_mult, ...). `dataset` (with
+    prompts, objective, backbone), text encoder fields prefixed "text_" (text_n_embd,
+    text_n_layer, text_n_head, text_dropout), the objective's config fields (DiffusionConfig:
+    beta_schedule, guidance_scale, cond_drop_prob, sample_steps, ...; FlowConfig with
+    objective="flow": timestep_sampling, sampler, ...) and the backbone's (UNetConfig: channels,
+    channel_mult, ...; DiTConfig with backbone="dit": hidden_size, depth, ...). `dataset` (with
     captions) gives the vocabulary, example prompts and the scale factor (its latents are
     encoded once and cached). num_classes is ignored: the condition is the caption.
     """
@@ -542,16 +598,23 @@ def build(overrides, image_shape, num_classes=None, *, dataset=None) -> LatentDi
     if dataset is not None and getattr(dataset, "captions", None) is None:
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has no captions: text-to-image latent "
                          f"diffusion needs captioned images (--data shapes)")
-    if not isinstance(ae, nn.Module):
-        ae = load_autoencoder(ae)
+    objective, backbone = overrides.pop("objective", "diffusion"), overrides.pop("backbone", "unet")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: use one of {OBJECTIVES}")
+    check_backbone(backbone)  # both before the autoencoder is read: fail in a second
+    ofields, bfields = _OBJECTIVE[objective][0], _BACKBONE[backbone][1]
     top = {"max_length", "scale_factor", "vocab", "prompts"}
     cfg = {k: overrides.pop(k) for k in list(overrides) if k in top}
     text = {k[5:]: overrides.pop(k) for k in list(overrides) if k.startswith("text_") and k[5:] in _TEXT_FIELDS}
-    unet = {k: overrides.pop(k) for k in list(overrides) if k in _UNET_FIELDS and k not in _DIFFUSION_FIELDS}
-    diff = {k: overrides.pop(k) for k in list(overrides) if k in _DIFFUSION_FIELDS}
+    net = {k: overrides.pop(k) for k in list(overrides) if k in bfields and k not in ofields}
+    diff = {k: overrides.pop(k) for k in list(overrides) if k in ofields}
     if overrides:
-        valid = sorted(top | {"autoencoder"} | {"text_" + f for f in _TEXT_FIELDS} | _UNET_FIELDS | _DIFFUSION_FIELDS)
-        raise TypeError(f"unknown latent diffusion option(s) {sorted(overrides)}; valid: {valid}")
+        valid = sorted(top | {"autoencoder", "objective", "backbone"} | {"text_" + f for f in _TEXT_FIELDS}
+                       | bfields | ofields)
+        raise TypeError(f"unknown latent diffusion option(s) {sorted(overrides)} for objective={objective!r}, "
+                        f"backbone={backbone!r}; valid: {valid}")
+    if not isinstance(ae, nn.Module):
+        ae = load_autoencoder(ae)
     tokenizer = None
     if cfg.get("vocab") is None:
         if dataset is None:
@@ -565,7 +628,8 @@ def build(overrides, image_shape, num_classes=None, *, dataset=None) -> LatentDi
             if len(seen) == 16:
                 break
         cfg["prompts"] = seen
-    config = LatentDiffusionConfig(image_shape=tuple(image_shape), text=text, diffusion={**diff, "unet": unet}, **cfg)
+    config = LatentDiffusionConfig(image_shape=tuple(image_shape), text=text, diffusion={**diff, backbone: net},
+                                   objective=objective, backbone=backbone, **cfg)
     model = LatentDiffusion(ae, config, tokenizer)
     if tuple(model.config.image_shape) != tuple(image_shape):
         raise ValueError(f"the autoencoder takes {model.config.image_shape} images but the dataset has "
@@ -576,4 +640,5 @@ def build(overrides, image_shape, num_classes=None, *, dataset=None) -> LatentDi
 
 
 __all__ = ["LatentDiffusionConfig", "LatentDiffusion", "caption_accuracy", "build", "load_autoencoder",
-           "weights_hash", "DEFAULT_TEXT", "DEFAULT_UNET", "DEFAULT_DIFFUSION", "TRAIN_DEFAULTS"]
+           "weights_hash", "DEFAULT_TEXT", "DEFAULT_UNET", "DEFAULT_DIT", "DEFAULT_DIFFUSION", "DEFAULT_FLOW",
+           "TRAIN_DEFAULTS", "OBJECTIVES", "BACKBONES"]

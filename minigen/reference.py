@@ -23,6 +23,8 @@ diffusion works in the latent space of the reference VQGAN):
     vqgan -> vqgan_prior    VQGAN (lesson 03) and its GPT prior
     ddpm                    class-conditional pixel diffusion with guidance (05-06)
     vqgan -> ldm            text-conditional latent diffusion (07)
+    flow                    class-conditional pixel flow matching, the ddpm's U-Net (09)
+    vqgan -> ldm_flow       text-conditional latent flow matching with a DiT (09)
 
 The files are ordinary minigen checkpoints (`minigen sample minigen/weights/reference/ddpm.pt`
 works) holding only the weights the model samples with: the EMA weights when training kept
@@ -57,10 +59,10 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "reference"
 MANIFEST = "manifest.json"
 FORMAT = "minigen-reference-v1"
 COMMAND = "python -m minigen.reference"
-NAMES = ("vae", "vqvae", "vqvae_prior", "vqgan", "vqgan_prior", "ddpm", "ldm")
-DEPENDS = {"vqvae_prior": "vqvae", "vqgan_prior": "vqgan", "ldm": "vqgan"}
-# The order `python -m minigen.reference` trains in: dependencies first, latent diffusion last.
-TRAIN_ORDER = ("vqgan", "ddpm", "vae", "vqvae", "vqvae_prior", "vqgan_prior", "ldm")
+NAMES = ("vae", "vqvae", "vqvae_prior", "vqgan", "vqgan_prior", "ddpm", "ldm", "flow", "ldm_flow")
+DEPENDS = {"vqvae_prior": "vqvae", "vqgan_prior": "vqgan", "ldm": "vqgan", "ldm_flow": "vqgan"}
+# The order `python -m minigen.reference` trains in: dependencies first, latent models last.
+TRAIN_ORDER = ("vqgan", "ddpm", "flow", "vae", "vqvae", "vqvae_prior", "vqgan_prior", "ldm", "ldm_flow")
 MAX_TOTAL_BYTES = 20 * 1024 * 1024
 SEED = 0
 DATASET = "shapes"
@@ -110,6 +112,25 @@ SPECS = {
         # (two other VQGANs: 0.69 and 0.79 after 2000), so the reference trains 4000
         model=dict(),
         train=dict(steps=4000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
+                   ema_decay=0.995),
+        sample=dict(steps=25, guidance_scale=3.0)),
+    "flow": dict(
+        # flow matching (minigen.flow) on the ddpm reference's U-Net (16/32/64 channels, no
+        # attention), same data and budget class: the straight path, logit-normal training
+        # times (SD3), Euler on a uniform grid with as many evaluations as the ddpm's DDIM
+        model=dict(channels=16, channel_mult=(1, 2, 4), layers_per_block=1, attention_resolutions=(),
+                   timestep_sampling="logit_normal", sampler="euler", sample_steps=25, guidance_scale=2.0),
+        train=dict(steps=600, batch_size=64, lr=2e-3, warmup_steps=100, lr_schedule="cosine",
+                   ema_decay=0.995)),
+    "ldm_flow": dict(
+        # latent flow matching with a DiT (minigen.ldm objective="flow", backbone="dit") on the
+        # reference VQGAN's 4x8x8 latents: patch 2 -> 16 tokens, text through the pooled
+        # embedding in adaLN and cross-attention in every block, the ldm's text encoder.
+        # 1000 steps (0.22 CPU-s each, one thread: 219 CPU-s in all; the shared CPU of the session
+        # that trained it gave the run ~15% of a core, 25 wall-minutes)
+        model=dict(objective="flow", backbone="dit", hidden_size=96, depth=4, num_heads=4, patch_size=2,
+                   sampler="euler", sample_steps=25, guidance_scale=3.0),
+        train=dict(steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
                    ema_decay=0.995),
         sample=dict(steps=25, guidance_scale=3.0)),
 }
@@ -448,10 +469,25 @@ def train_ddpm(run: _Run) -> dict:
                                    "guidance_scale": c["guidance_scale"]}})
 
 
-def measure_ldm(run: _Run, m, steps: int) -> dict:
+def latent_test_loss(m, x: torch.Tensor, captions) -> float:
+    """The training objective of a latent model (diffusion or flow) on the first 256 test
+    images x and their captions, at times and noise drawn from a fixed seed, no caption
+    dropout: a cheap, deterministic figure that tests/test_reference.py recomputes."""
+    g = torch.Generator().manual_seed(SEED)
+    z = m.encode(x[:256])
+    context = m.encode_prompts(list(captions[:256]))
+    if m.config.objective == "flow":
+        t = torch.rand(len(z), generator=g)
+    else:
+        t = torch.randint(0, m.diffusion.num_timesteps, (len(z),), generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    return float(m.diffusion.loss(z, dict(context=context), t=t, noise=noise))
+
+
+def measure_ldm(run: _Run, m, steps: int, name: str = "ldm") -> dict:
     from minigen import judge
 
-    spec = SPECS["ldm"]["sample"]
+    spec = SPECS[name]["sample"]
     prompts = list(run.test.captions)
     g = torch.Generator().manual_seed(SEED)
     xs, secs = timed(lambda: torch.cat([
@@ -459,10 +495,12 @@ def measure_ldm(run: _Run, m, steps: int) -> dict:
         for i in range(0, len(prompts), 250)]))
     out = sample_metrics(xs, run.y_test, run.x_test, secs / len(xs))
     out["caption_accuracy"] = evaluation.caption_accuracy(judge.load_judge(DATASET), xs, prompts)
+    out["test_latent_loss"] = latent_test_loss(m, run.x_test, run.test.captions)
     return out
 
 
-def train_ldm(run: _Run) -> dict:
+def train_ldm(run: _Run, name: str = "ldm") -> dict:
+    """A latent model on the reference VQGAN: "ldm" (diffusion, U-Net) or "ldm_flow" (flow, DiT)."""
     try:
         from minigen import ldm
     except ImportError as e:
@@ -474,16 +512,49 @@ def train_ldm(run: _Run) -> dict:
     train.set_seed(SEED)
     # with the dataset, build() takes the vocabulary from its captions and fits scale_factor
     # (1 / std of the training latents); the latents are cached, so encode_dataset reads them
-    model = ldm.build({**SPECS["ldm"]["model"], "autoencoder": vqgan}, run.train_set.image_shape,
+    model = ldm.build({**SPECS[name]["model"], "autoencoder": vqgan}, run.train_set.image_shape,
                       dataset=run.train_set)
     latents = model.encode_dataset(run.train_set, cache=True)
-    fit_out = run.fit(model, latents, "ldm")
-    spec = SPECS["ldm"]["sample"]
+    fit_out = run.fit(model, latents, name)
+    spec = SPECS[name]["sample"]
     steps = QUICK["sample_steps"] if run.quick else spec["steps"]
-    return run.finish("ldm", model, fit_out, lambda m: measure_ldm(run, m, steps),
-                      {"sampler": {"sampler": "ddim", "steps": steps, "guidance_scale": spec["guidance_scale"],
+    return run.finish(name, model, fit_out, lambda m: measure_ldm(run, m, steps, name),
+                      {"sampler": {"sampler": model.config.diffusion["sampler"], "steps": steps,
+                                   "guidance_scale": spec["guidance_scale"],
                                    "prompts": "captions of the first test images"},
                        "autoencoder": "reference vqgan"})
+
+
+def flow_test_loss(m, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The flow-matching loss of a pixel flow model on the first 256 test images x with their
+    labels y, at times and noise drawn from a fixed seed: a cheap, deterministic figure that
+    tests/test_reference.py recomputes from the shipped file."""
+    g = torch.Generator().manual_seed(SEED)
+    x, y = x[:256], y[:256]
+    t = torch.rand(len(x), generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    return float(m.loss(x, dict(y=y), t=t, noise=noise))
+
+
+def measure_flow(run: _Run, m) -> dict:
+    out = measure_ddpm(run, m)  # the same class-conditional samples and figures as ddpm
+    out["test_flow_loss"] = flow_test_loss(m, run.x_test, run.y_test)
+    return out
+
+
+def train_flow(run: _Run) -> dict:
+    from minigen import flow, train
+
+    train.set_seed(SEED)
+    overrides = dict(SPECS["flow"]["model"])
+    if run.quick:
+        overrides["sample_steps"] = QUICK["sample_steps"]
+    model = flow.build(overrides, run.train_set.image_shape, run.num_classes)
+    fit_out = run.fit(model, run.train_set, "flow")
+    c = model.config
+    return run.finish("flow", model, fit_out, lambda m: measure_flow(run, m),
+                      {"sampler": {"sampler": c.sampler, "steps": c.sample_steps, "grid": c.grid,
+                                   "guidance_scale": c.guidance_scale}})
 
 
 def measure(run: _Run, name: str, model) -> dict:
@@ -496,8 +567,10 @@ def measure(run: _Run, name: str, model) -> dict:
         return measure_prior(run, name, model)
     if name == "ddpm":
         return measure_ddpm(run, model)
+    if name == "flow":
+        return measure_flow(run, model)
     steps = manifest(run.out)["models"][name]["sampler"]["steps"]  # the sampler it was measured with
-    return measure_ldm(run, model, steps)
+    return measure_ldm(run, model, steps, name)
 
 
 def evaluate(run: _Run, names) -> None:
@@ -522,7 +595,8 @@ def evaluate(run: _Run, names) -> None:
 
 
 TRAINERS = {"vae": train_vae, "vqvae": train_vqvae, "vqvae_prior": train_vqvae_prior, "vqgan": train_vqgan,
-            "vqgan_prior": train_vqgan_prior, "ddpm": train_ddpm, "ldm": train_ldm}
+            "vqgan_prior": train_vqgan_prior, "ddpm": train_ddpm, "ldm": train_ldm, "flow": train_flow,
+            "ldm_flow": lambda run: train_ldm(run, "ldm_flow")}
 
 
 # ----------------------------------------------------------------------------- command line

@@ -171,3 +171,27 @@ def test_backbone_option_in_the_models():
         diffusion.build(dict(backbone="dit", channel_mult=(1, 2)), image_shape=(3, 16, 16))
     with pytest.raises(ValueError, match="backbone"):
         flow.build(dict(backbone="vit"))
+
+
+def test_cross_attention_learns_from_zero_init():
+    """Cross-attention to the text starts as a no-op (zero output projection) yet receives
+    gradients: after one step the tokens change the output, without the pooled path."""
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(in_channels=2, input_size=4, patch_size=2, context_dim=6, cross_attention=True,
+                          pooled_context=False, **SMALL))
+    x, t = torch.randn(3, 2, 4, 4), torch.randint(0, 1000, (3,))
+    ctx_a, ctx_b = torch.randn(3, 5, 6), torch.randn(3, 5, 6)
+    with torch.no_grad():
+        h = torch.randn(3, 4, SMALL["hidden_size"])
+        c = torch.randn(3, SMALL["hidden_size"])
+        block = model.blocks[0]
+        torch.testing.assert_close(block.cross(block.norm_cross(h), ctx_a), torch.zeros_like(h), rtol=0, atol=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):  # step 1 wakes the final layer and adaLN; step 2 reaches the cross-attention output
+        opt.zero_grad()
+        loss = (model(x, t, context=ctx_a) - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+    assert all(b.cross.to_out[0].weight.grad.abs().max() > 0 for b in model.blocks)
+    with torch.no_grad():
+        assert (model(x, t, context=ctx_a) - model(x, t, context=ctx_b)).abs().max() > 1e-6

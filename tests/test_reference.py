@@ -158,3 +158,41 @@ def test_prior_without_its_autoencoder_is_refused(tmp_path, capsys):
         reference.main(["--quick", "--only", "vqvae_prior", "--out", str(tmp_path)])
     assert e.value.code == 2
     assert "needs the reference vqvae" in capsys.readouterr().err
+
+
+# the families whose manifest records a cheap, recomputable figure: their objective on the
+# first 256 test images at seeded times and noise (see reference.flow_test_loss / latent_test_loss)
+RECOMPUTABLE = {"flow": "test_flow_loss", "ldm_flow": "test_latent_loss"}
+
+
+@pytest.mark.parametrize("name", [n for n in RECOMPUTABLE if n in SHIPPED])
+def test_recorded_test_loss_of_the_flow_families_is_reproducible(name):
+    """The shipped file, loaded, gives its manifest's figure again: same weights, same
+    config (objective, backbone, time scale), same data. float32 on any CPU: 1e-4 relative."""
+    from minigen import data, flow, ldm
+
+    test = data.load_dataset(reference.DATASET, split="test", n=reference.N_EVAL)
+    x, y = test.tensors()
+    model = reference.load(name)
+    with torch.no_grad():
+        if name == "flow":
+            assert isinstance(model, flow.FlowMatching) and model.num_classes == len(test.classes)
+            got = reference.flow_test_loss(model, x, y)
+        else:
+            assert isinstance(model, ldm.LatentDiffusion) and model.config.objective == "flow"
+            assert model.config.backbone == "dit"
+            got = reference.latent_test_loss(model, x, test.captions)
+    assert got == pytest.approx(MANIFEST["models"][name]["metrics"][RECOMPUTABLE[name]], rel=1e-4)
+
+
+@pytest.mark.parametrize("name,sampler", [("flow", "heun"), ("ldm_flow", "dpmsolver++")])
+def test_minigen_sample_runs_on_the_flow_references(name, sampler, tmp_path):
+    from minigen import cli
+
+    if name not in SHIPPED:
+        pytest.fail(f"{name} is not shipped")
+    png = tmp_path / "s.png"
+    args = ["sample", str(reference.path(name)), "--sampler", sampler, "--steps", "2", "--n", "2", "--out", str(png)]
+    if name == "ldm_flow":
+        args += ["--prompt", "a small red circle on a blue background"]
+    assert cli.main(args) == 0 and png.stat().st_size > 0
