@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 import torch
 
-from minigen import evaluate, tour
+from minigen import evaluate, tour, tour_report
 
 torch.set_num_threads(1)
 
@@ -44,4 +44,4 @@ def prior_refs():
 res += timed("reference rows: both GPT priors", prior_refs)
 (out / "times.json").write_text(json.dumps(dict(times=times, results=[r.__dict__ for r in res]), indent=1, default=str))
 for r in res:
-    print(tour._row(r))
+    print(tour_report.row(r))
