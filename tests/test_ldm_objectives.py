@@ -10,7 +10,7 @@ from minigen import cli, data, diffusion, flow, ldm, samplers, train
 from minigen.dit import DiT
 from minigen.text import Tokenizer
 from minigen.unet import UNet, UNetConfig
-from minigen.vqgan import VQGAN, VQGANConfig
+from test_ldm import tiny_vqgan  # the same small frozen autoencoder as test_ldm
 
 TINY_TEXT = dict(n_embd=16, n_layer=1, n_head=2)
 TINY_NET = {"unet": dict(channels=8, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(2,),
@@ -28,12 +28,6 @@ def _cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def ds():
     return data.make_shapes(64, seed=3)
-
-
-def tiny_vqgan(seed=0):
-    torch.manual_seed(seed)
-    return VQGAN(VQGANConfig(ch=8, ch_mult=(1, 2, 2), z_channels=8, code_dim=4, num_codes=32,
-                             perceptual="none", perceptual_weight=0.0)).eval()
 
 
 def tiny(ds, objective="flow", backbone="dit", **opts):
