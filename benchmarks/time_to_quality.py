@@ -55,6 +55,15 @@ from minigen import data, judge, metrics, train
 from minigen.cli import _parse_overrides as parse_set  # --set key=value, as the CLI reads it
 
 
+def repo_relative(path):
+    """`path` relative to the repository when it is inside it, so that a result file does not
+    name one machine's checkout (the shipped VQGAN is recorded as minigen/weights/...)."""
+    if not path:
+        return path
+    p, root = Path(path).resolve(), Path(__file__).resolve().parents[1]
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
+
+
 def autoencoder_seconds(path: Path):
     """Training seconds of the autoencoder: the `elapsed` of its run's log.jsonl, or the
     manifest's train_seconds for a reference checkpoint (else None)."""
@@ -191,7 +200,7 @@ def run(args):
                 threads=torch.get_num_threads(), python=platform.python_version(), torch=torch.__version__,
                 minigen=minigen.__version__, params=params, train=kw, n_eval=args.n_eval,
                 real_vs_real=baseline, overrides=parse_set(args.set),
-                autoencoder=args.autoencoder, autoencoder_train_s=(autoencoder_seconds(args.autoencoder)
+                autoencoder=repo_relative(args.autoencoder), autoencoder_train_s=(autoencoder_seconds(args.autoencoder)
                                                                    if args.autoencoder else None),
                 clock="process CPU seconds (time.process_time), 1 thread, evaluation excluded; "
                       "train_wall_s: wall seconds of the same steps",
