@@ -20,8 +20,9 @@ and D minimises the hinge loss 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat)
 The GAN weight lambda is *adaptive*: lambda = ||grad_W L_rec|| / (||grad_W L_GAN|| + 1e-4)
 with W the decoder's last layer, clamped to [0, 1e4], detached and times disc_weight (0.8).
 It balances the two gradients where they meet, so the GAN term can neither be drowned out
-nor take over, whatever the scale of either loss. The discriminator is switched on only at
-step disc_start: a GAN on top of a random autoencoder mostly adds noise.
+nor take over, whatever the scale of either loss (`adaptive_weight=False` replaces it with the
+constant lambda = disc_weight, to measure what the adaptive part contributes). The discriminator
+is switched on only at step disc_start: a GAN on top of a random autoencoder mostly adds noise.
 
 A lesson hands in its own pieces: `VQGAN(cfg, d_loss_fn=my_hinge, adaptive_weight_fn=my_weight,
 discriminator=my_patchgan, ...)`. Defaults follow taming-transformers; conventions.md lists
@@ -295,7 +296,8 @@ class VQGANConfig:
     lpips_path: str | None = None
     disc_loss: str = "hinge"                # "hinge" | "vanilla"
     disc_start: int = 500                   # GAN terms switch on at this step
-    disc_weight: float = 0.8                # x the adaptive weight
+    disc_weight: float = 0.8                # x the adaptive weight (or the weight itself, see below)
+    adaptive_weight: bool = True            # False: lambda = disc_weight, a constant (an ablation)
     disc_factor: float = 1.0
     disc_layers: int | None = None          # None: 2 for images up to 32 px, else 3
     disc_ndf: int = 32                      # taming: 64; halved for CPU budgets at 32 px
@@ -316,6 +318,8 @@ class VQGANConfig:
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {self.disc_loss!r}")
         if self.perceptual not in ("judge", "lpips", "none"):
             raise ValueError(f"perceptual must be 'judge', 'lpips' or 'none', got {self.perceptual!r}")
+        if self.disc_weight < 0:
+            raise ValueError(f"disc_weight must be >= 0, got {self.disc_weight}")
         if self.disc_start < 0:
             raise ValueError(f"disc_start must be >= 0, got {self.disc_start}")
         n = self.discriminator_layers
@@ -502,9 +506,11 @@ class VQGAN(nn.Module):
         g_loss, d_weight = zero, zero
         if self.gan_active(step):
             g_loss = self.g_loss_fn(self.discriminator(x_hat))  # no detach: G learns through D
-            if torch.is_grad_enabled():
+            if not cfg.adaptive_weight:
+                d_weight = torch.tensor(cfg.disc_weight, device=x.device)  # a fixed lambda
+            elif torch.is_grad_enabled():
                 d_weight = self.adaptive_weight_fn(rec_loss, g_loss, self.get_last_layer(), cfg.disc_weight)
-            # (under no_grad, e.g. a validation pass, there is no gradient to balance: weight 0)
+            # (adaptive, under no_grad, e.g. a validation pass: no gradient to balance, weight 0)
             loss = loss + d_weight * cfg.disc_factor * g_loss
         return dict(loss=loss, l1=l1.detach(), perceptual=p_loss.detach(), rec=rec_loss.detach(),
                     vq=vq_loss.detach(), g_gan=g_loss.detach(), d_weight=d_weight.detach(),

@@ -427,3 +427,48 @@ def test_build_for_cli_datasets():
     assert m.discriminator(x).shape == (2, 1, 5, 5)
     m4 = G.build({"ch": 8, "z_channels": 8, "code_dim": 8, "disc_ndf": 8}, (4, 32, 32))
     assert m4.perceptual is None  # no offline judge for 4 channels
+
+
+@pytest.mark.parametrize("disc_weight", [0.0, 0.3, 2.5])
+def test_fixed_weight_uses_disc_weight_and_skips_adaptive_fn(disc_weight):
+    # adaptive_weight=False: lambda is the constant disc_weight, the adaptive function is never
+    # called, and the GAN gradient reaches the decoder scaled by exactly that constant
+    torch.manual_seed(int(10 * disc_weight))
+    calls = []
+
+    def spy_weight(rec, g, last_layer, dw):
+        calls.append(dw)
+        return G.adaptive_weight(rec, g, last_layer, dw)
+
+    m = G.VQGAN(tiny_config(disc_start=3, adaptive_weight=False, disc_weight=disc_weight),
+                adaptive_weight_fn=spy_weight)
+    x = rand_images(4, seed=7)
+    before = m.training_loss(x, step=2, name="g")
+    assert before["d_weight"].item() == 0 and before["g_gan"].item() == 0  # still off before disc_start
+    out = m.training_loss(x, step=3, name="g")
+    assert not calls
+    assert out["d_weight"].item() == pytest.approx(disc_weight)
+    total = out["rec"] + out["vq"] + disc_weight * out["g_gan"]
+    assert out["loss"].item() == pytest.approx(total.item(), rel=1e-5, abs=1e-6)
+
+    # the decoder's last-layer gradient: rec + vq part plus disc_weight x the GAN part
+    W = m.get_last_layer()
+    torch.manual_seed(1)
+    out = m.training_loss(x, step=3, name="g")
+    g_total = torch.autograd.grad(out["loss"], W)[0]
+    x_hat, vq_loss, _ = m(x)
+    rec = (x - x_hat).abs().mean() + m.config.perceptual_weight * m.perceptual(x, x_hat).mean()
+    g_rec = torch.autograd.grad(rec + vq_loss, W, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(G.generator_loss(m.discriminator(x_hat)), W)[0]
+    tol = 1e-5 * (g_rec.abs().max() + disc_weight * g_gan.abs().max()).item()
+    torch.testing.assert_close(g_total, g_rec + disc_weight * g_gan, rtol=0, atol=tol)
+
+    # the adaptive default, same model: the adaptive function is called with disc_weight
+    m.config.adaptive_weight = True
+    m.training_loss(x, step=3, name="g")
+    assert calls == [disc_weight]
+
+
+def test_negative_disc_weight_is_rejected():
+    with pytest.raises(ValueError, match="disc_weight must be >= 0"):
+        tiny_config(disc_weight=-0.1)
