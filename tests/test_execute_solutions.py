@@ -44,6 +44,13 @@ def test_progress_bar_is_saved_as_its_final_line(tmp_path, capsys):
     assert "bar.ipynb" in out and "s wall" in out and "s kernel CPU" in out
 
 
+def test_bar_that_does_not_leave_leaves_no_output(tmp_path):
+    path = _notebook(tmp_path / "gone.ipynb",
+                     "from tqdm import tqdm\nfor i in tqdm(range(20), leave=False, mininterval=0, miniters=1):\n    pass")
+    assert _tool().main([str(path)]) == 0
+    assert nbformat.read(path, as_version=4).cells[0].outputs == []
+
+
 def test_failing_cell_is_reported_and_file_left_alone(tmp_path, capsys):
     path = _notebook(tmp_path / "bad.ipynb", "raise ValueError('boom')")
     before = path.read_text()

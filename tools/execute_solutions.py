@@ -7,7 +7,7 @@ What `jupyter nbconvert --execute --inplace` does, with two differences:
 
 - stream outputs are coalesced: a progress bar's updates (tqdm writes "\\r" and the new line
   many times a second) are stored as the bar's final line, not as hundreds of outputs, so
-  the saved notebook reads like the live one;
+  the saved notebook reads like the live one (a bar with leave=False leaves nothing);
 - it prints each notebook's wall time and the kernel's CPU time (user + system, all its
   threads), the figures the lessons quote as their measured time.
 
@@ -41,6 +41,10 @@ def execute(path: Path, timeout: int | None = None) -> tuple[float, float]:
         # the kernel is this process's child; its CPU time is counted once it has exited
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    for cell in nb.cells:
+        # a bar with leave=False ends by blanking its line: nothing is left to show
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and not o.text.strip())]
     nbformat.write(nb, path)
     return wall, cpu
 
