@@ -408,6 +408,7 @@ class _Trainer:
                         unit="step", dynamic_ncols=True, leave=True)
         self.t_start = time.perf_counter()
         self.t_log, self.io_time = self.t_start, 0.0
+        self.t_postfix = -math.inf  # when the bar's loss was last updated (perf_counter)
 
     # --- one optimizer step
 
@@ -508,7 +509,11 @@ class _Trainer:
             self.n_summed += 1
         self.pending.clear()
         bar = self.bar
-        if not bar.disable and time.perf_counter() - bar.last_print_t > bar.mininterval:
+        # the loss on the bar, at most once per the bar's mininterval (our own clock: tqdm's
+        # last_print_t is time.time()-based, not comparable with perf_counter)
+        now = time.perf_counter()
+        if not bar.disable and now - self.t_postfix > bar.mininterval:
+            self.t_postfix = now
             self.postfix.update((k, f"{v:.4g}") for k, v in rec.items() if k.startswith("loss"))
             bar.set_postfix(self.postfix, refresh=False)
 

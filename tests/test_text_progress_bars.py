@@ -83,3 +83,22 @@ def test_importing_minigen_and_training_with_a_bar_loads_no_widget_tqdm(tmp_path
     for name in WIDGET_MODULES[:3]:
         assert repr(name) not in loaded, f"{name} was imported: {loaded}"
     assert "TqdmWarning" not in out.stderr, out.stderr[-3000:]
+
+
+def test_fit_bar_shows_the_loss(tmp_path, capsys, monkeypatch):
+    # the bar's postfix carries the running loss (it once compared perf_counter with tqdm's
+    # time.time()-based last_print_t, so the loss never appeared); mininterval 0: every step
+    import torch
+    import tqdm as tqdm_module
+
+    from minigen.autoencoder import AutoEncoder, AutoEncoderConfig
+    from minigen.train import fit
+
+    orig = tqdm_module.tqdm.__init__
+    monkeypatch.setattr(tqdm_module.tqdm, "__init__", lambda self, *a, **kw: orig(self, *a, **{**kw, "mininterval": 0}))
+    torch.manual_seed(0)
+    model = AutoEncoder(AutoEncoderConfig(in_channels=1, image_size=8, channels=4, latent_channels=2))
+    fit(model, torch.rand(16, 1, 8, 8) * 2 - 1, steps=6, batch_size=4, out_dir=str(tmp_path / "run"),
+        progress=True, log_every=0)
+    err = capsys.readouterr().err
+    assert "loss=" in err, err[-2000:]
