@@ -11,6 +11,7 @@ Lesson 07 uses all four (latent vs pixel cost, cross-attention maps, the guidanc
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -88,8 +89,6 @@ def record_inputs(module: torch.nn.Module):
 def plot_word_maps(image, maps, words, title: str | None = None):
     """The image beside one heat map per word: maps is (L = side*side, M) weights over M >= len(words)
     tokens, column k for words[k]; image is one (C, H, W) image in [-1, 1]. Returns the figure."""
-    import math
-
     import matplotlib.pyplot as plt
 
     from minigen.plot import image_grid
