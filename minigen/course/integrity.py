@@ -120,12 +120,17 @@ def reference_report(obj, depth: int = 0) -> str | None:
 def _code_refs(fn, own_name):
     import types
 
-    names, stack = set(), [fn.__code__]
+    names, strings, stack = set(), set(), [fn.__code__]
     while stack:
         code = stack.pop()
-        names.update(code.co_names)
+        names.update(code.co_names)  # globals and attribute names the code reads
         names.update(code.co_freevars)
+        strings.update(c for c in code.co_consts if isinstance(c, str))  # getattr(module, "name")
         stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    # a minigen module counts only when the code can reach the same-named function through it
+    # (module.NAME or getattr(module, "NAME")): a scaffold that uses diffusion.ddim_step inside
+    # the learner's own inpaint is not minigen's inpaint
+    reaches_own_name = own_name in names or own_name in strings
     values = []
     g = fn.__globals__
     for n in names:
@@ -139,6 +144,8 @@ def _code_refs(fn, own_name):
     for v in values:
         candidates = [v]
         if isinstance(v, types.ModuleType) and getattr(v, "__name__", "").startswith("minigen"):
+            if not reaches_own_name:
+                continue
             candidates = [getattr(v, own_name, None)]
             for sub in vars(v).values():
                 if isinstance(sub, types.ModuleType):
