@@ -22,9 +22,11 @@ def training_step_cost(loss_fn, repeats: int = 3, device=None) -> dict:
     """Measure one training step, loss_fn().backward(), where loss_fn() returns a scalar loss.
 
     Returns {"gflops": forward + backward FLOPs / 1e9 (torch's FlopCounterMode: matrix products
-    and convolutions), "saved_mib": bytes of the distinct storages autograd saves for the backward
-    pass / 2**20 (views of one storage count once), "ms": median wall time of `repeats` steps
-    after one warm-up step, "peak_mib": CUDA peak memory of those steps / 2**20 (nan on the CPU)}.
+    and convolutions; on a CPU it has no formula for the fused scaled_dot_product_attention
+    kernel, so attention's own products are left out there), "saved_mib": bytes of the distinct
+    storages autograd saves for the backward pass / 2**20 (views of one storage count once),
+    "ms": median wall time of `repeats` steps after one warm-up step, "peak_mib": CUDA peak memory
+    of those steps / 2**20 (nan on the CPU)}.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
